@@ -1,0 +1,284 @@
+"""Action units: the expression->AU codebook, AU regions on named anchors, and heatmap renderers.
+
+The codebook is the paper's (Belharbi et al., FG 2024, Fig. 2). Each AU is a set of
+Gaussian blobs centred on named facial anchors (fer_lib.landmarks.ANCHORS); an
+expression's heatmap is the max over its AUs' blobs, normalised to [0, 1].
+
+Blob width follows the reference code: variance 64 px^2 at 224 px, i.e. sigma = 8/224 of
+the image side (`sigma_mode="image"`, right for aligned face crops). For photos where the
+face fills an arbitrary part of the frame, `sigma_mode="face"` scales sigma with the
+inter-ocular distance instead.
+
+Neutral has no AU: its heatmap is all zeros and `has_au_map()` is False, so the training
+loss masks it out (CE only) rather than pulling attention towards an empty map.
+
+Two renderers give the same maps: `heatmap()` (numpy, one face, for plots and datasets) and
+`render_heatmaps()` (torch, a batch at once on CPU or GPU, for training and evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .landmarks import ANCHOR_INDEX, ANCHORS, FaceLandmarks
+
+#: the project's label order (AffectNet's first seven); every loader maps its own order to this
+EXPRESSIONS: tuple[str, ...] = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")
+
+#: FACS names of the AUs used by the codebook
+AU_NAMES: dict[int, str] = {
+    1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 5: "upper lid raiser",
+    6: "cheek raiser", 7: "lid tightener", 9: "nose wrinkler", 10: "upper lip raiser",
+    12: "lip corner puller", 15: "lip corner depressor", 16: "lower lip depressor",
+    17: "chin raiser", 20: "lip stretcher", 23: "lip tightener", 24: "lip pressor",
+    25: "lips part", 26: "jaw drop", 27: "mouth stretch",
+}
+ALL_AUS: tuple[int, ...] = tuple(sorted(AU_NAMES))
+
+#: the paper's codebook for the basic expressions (Fig. 2)
+CODEBOOK: dict[str, tuple[int, ...]] = {
+    "neutral": (),
+    "happiness": (6, 12, 25),
+    "sadness": (1, 4, 6, 15, 17),
+    "surprise": (1, 2, 5, 26, 27),
+    "fear": (1, 2, 4, 5, 20, 25, 26, 27),
+    "disgust": (9, 10, 16, 17, 25, 26),
+    "anger": (4, 5, 7, 10, 17, 23, 24, 25, 26),
+}
+
+#: each AU as the anchors its Gaussian blobs sit on (the facial muscle's visible region)
+AU_REGIONS: dict[int, tuple[str, ...]] = {
+    1: ("left_brow_inner", "right_brow_inner"),
+    2: ("left_brow_outer", "right_brow_outer"),
+    4: ("left_brow_inner", "right_brow_inner", "glabella"),
+    5: ("left_upper_lid", "right_upper_lid"),
+    6: ("left_cheek", "right_cheek", "left_eye_outer", "right_eye_outer"),
+    7: ("left_lower_lid", "right_lower_lid"),
+    9: ("nose_root", "left_nose_wing", "right_nose_wing"),
+    10: ("upper_lip", "left_nasolabial", "right_nasolabial"),
+    12: ("left_mouth_corner", "right_mouth_corner"),
+    15: ("left_mouth_corner", "right_mouth_corner"),
+    16: ("lower_lip",),
+    17: ("chin",),
+    20: ("left_mouth_corner", "right_mouth_corner"),
+    23: ("upper_lip", "lower_lip"),
+    24: ("upper_lip", "lower_lip"),
+    25: ("mouth_center",),
+    26: ("mouth_center", "chin"),
+    27: ("mouth_center", "lower_lip", "chin"),
+}
+
+REFERENCE_SIGMA = 8.0 / 224.0  # sqrt(64 px^2) at 224 px, as a fraction of the image side
+FACE_SIGMA = 0.25  # sigma as a fraction of the inter-ocular distance (sigma_mode="face")
+SIGMA_MODES = ("image", "face")
+TRUNCATE = 4.0  # the batched renderer draws each blob within +-4 sigma
+
+
+def check_expression(expression: str, expressions: Sequence[str] | None = None) -> str:
+    """Return the expression name or raise ValueError listing the valid ones."""
+    valid = tuple(expressions) if expressions is not None else tuple(CODEBOOK)
+    if expression not in valid or expression not in CODEBOOK:
+        raise ValueError(f"unknown expression {expression!r}; valid expressions: {', '.join(valid)}")
+    return expression
+
+
+def expression_aus(expression: str) -> tuple[int, ...]:
+    return CODEBOOK[check_expression(expression)]
+
+
+def has_au_map(expression: str) -> bool:
+    """False for classes without AUs (neutral): they get CE only."""
+    return len(expression_aus(expression)) > 0
+
+
+def register_expression(name: str, aus: Sequence[int]) -> None:
+    """Add an expression (e.g. a compound one) to the codebook; its AUs must have regions."""
+    unknown = [a for a in aus if a not in AU_REGIONS]
+    if unknown:
+        raise ValueError(f"AUs without a region: {unknown}; known AUs: {list(AU_REGIONS)}")
+    if name in CODEBOOK and tuple(CODEBOOK[name]) != tuple(aus):
+        raise ValueError(f"expression {name!r} already in the codebook with AUs {CODEBOOK[name]}")
+    CODEBOOK[name] = tuple(aus)
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _as_anchors(landmarks: FaceLandmarks | np.ndarray) -> np.ndarray:
+    anchors = landmarks.anchors() if isinstance(landmarks, FaceLandmarks) else np.asarray(landmarks, np.float32)
+    if anchors.shape != (len(ANCHORS), 2):
+        raise ValueError(f"expected {len(ANCHORS)} normalised anchors of shape ({len(ANCHORS)}, 2), got {anchors.shape}")
+    return anchors
+
+
+def sigma_for(anchors: np.ndarray, sigma: float | None = None, sigma_mode: str = "image") -> float:
+    """Blob sigma in normalised image units for one face."""
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"unknown sigma_mode {sigma_mode!r}; valid: {', '.join(SIGMA_MODES)}")
+    if sigma_mode == "image":
+        return float(REFERENCE_SIGMA if sigma is None else sigma)
+    iod = float(np.linalg.norm(anchors[ANCHOR_INDEX["left_eye_center"]] - anchors[ANCHOR_INDEX["right_eye_center"]]))
+    return float((FACE_SIGMA if sigma is None else sigma) * iod)
+
+
+def _blobs(centres: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
+    """Max over Gaussian blobs centred at normalised `centres` (K, 2) -> (h, w)."""
+    h, w = size
+    out = np.zeros((h, w), np.float32)
+    if len(centres) == 0 or not np.isfinite(centres).all():
+        return out
+    ys = (np.arange(h, dtype=np.float32) + 0.5) / h
+    xs = (np.arange(w, dtype=np.float32) + 0.5) / w
+    for cx, cy in centres:
+        gy = np.exp(-((ys - cy) ** 2) / (2 * sigma**2))
+        gx = np.exp(-((xs - cx) ** 2) / (2 * sigma**2))
+        np.maximum(out, np.outer(gy, gx), out=out)
+    return out
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    peak = float(m.max()) if m.size else 0.0
+    return (m / peak).astype(np.float32) if peak > 0 else m.astype(np.float32)
+
+
+def _raw_au_map(anchors: np.ndarray, au: int, size: tuple[int, int], sigma: float) -> np.ndarray:
+    if au not in AU_REGIONS:
+        raise ValueError(f"unknown AU {au!r}; valid AUs: {', '.join(map(str, AU_REGIONS))}")
+    return _blobs(anchors[[ANCHOR_INDEX[a] for a in AU_REGIONS[au]]], size, sigma)
+
+
+def au_map(landmarks: FaceLandmarks | np.ndarray, au: int, size: int | Sequence[int],
+           sigma: float | None = None, sigma_mode: str = "image") -> np.ndarray:
+    """The map of one AU (float32 HxW in [0, 1])."""
+    anchors = _as_anchors(landmarks)
+    return _normalise(_raw_au_map(anchors, au, _size_hw(size), sigma_for(anchors, sigma, sigma_mode)))
+
+
+def au_maps(landmarks: FaceLandmarks | np.ndarray, aus: Sequence[int] | str, size: int | Sequence[int],
+            sigma: float | None = None, sigma_mode: str = "image") -> dict[int, np.ndarray]:
+    """Per-AU maps for a list of AUs, or for an expression's AUs when given its name."""
+    if isinstance(aus, str):
+        aus = expression_aus(aus)
+    return {au: au_map(landmarks, au, size, sigma, sigma_mode) for au in aus}
+
+
+def combine_aus(landmarks: FaceLandmarks | np.ndarray, aus: Sequence[int], size: int | Sequence[int],
+                sigma: float | None = None, sigma_mode: str = "image") -> np.ndarray:
+    """Max over the given AUs' maps, normalised to [0, 1]; zeros if `aus` is empty."""
+    hw = _size_hw(size)
+    if not aus:
+        return np.zeros(hw, np.float32)
+    anchors = _as_anchors(landmarks)
+    sig = sigma_for(anchors, sigma, sigma_mode)
+    # max of the raw blobs, normalised once: the same maps as render_heatmaps()
+    return _normalise(np.max(np.stack([_raw_au_map(anchors, au, hw, sig) for au in aus]), axis=0))
+
+
+def heatmap(landmarks: FaceLandmarks | np.ndarray, expression: str, size: int | Sequence[int],
+            sigma: float | None = None, sigma_mode: str = "image") -> np.ndarray:
+    """The expression's AU heatmap: float32 HxW in [0, 1] (zeros for neutral)."""
+    return combine_aus(landmarks, expression_aus(expression), size, sigma, sigma_mode)
+
+
+def all_au_heatmap(landmarks: FaceLandmarks | np.ndarray, size: int | Sequence[int],
+                   sigma: float | None = None, sigma_mode: str = "image") -> np.ndarray:
+    """Generic map of every AU region of the codebook (expression-independent)."""
+    return combine_aus(landmarks, ALL_AUS, size, sigma, sigma_mode)
+
+
+# --------------------------------------------------------------------------- batched (torch)
+@dataclass
+class BlobTable:
+    """Per-class blob centres as anchor indices, padded: (C, K) indices and (C, K) validity."""
+
+    expressions: tuple[str, ...]
+    index: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def for_expressions(cls, expressions: Sequence[str] = EXPRESSIONS) -> "BlobTable":
+        per_class = []
+        for e in expressions:
+            anchors = sorted({ANCHOR_INDEX[a] for au in expression_aus(e) for a in AU_REGIONS[au]})
+            per_class.append(anchors)
+        k = max(1, max(len(a) for a in per_class))
+        index = np.zeros((len(per_class), k), np.int64)
+        valid = np.zeros((len(per_class), k), bool)
+        for c, anchors in enumerate(per_class):
+            index[c, : len(anchors)] = anchors
+            valid[c, : len(anchors)] = True
+        return cls(tuple(expressions), index, valid)
+
+
+_TABLES: dict[tuple[str, ...], BlobTable] = {}
+
+
+def blob_table(expressions: Sequence[str] = EXPRESSIONS) -> BlobTable:
+    key = tuple(expressions)
+    if key not in _TABLES:
+        _TABLES[key] = BlobTable.for_expressions(key)
+    return _TABLES[key]
+
+
+def render_heatmaps(anchors, labels, size: int | Sequence[int], sigma: float | None = None,
+                    sigma_mode: str = "image", expressions: Sequence[str] = EXPRESSIONS,
+                    chunk: int = 256):
+    """Render many expression heatmaps at once with torch, on the anchors' device.
+
+    anchors: (B, A, 2) normalised anchors (NaN rows = no landmarks); labels: (B,) class
+    indices into `expressions`. Returns (maps (B, h, w) float32 in [0, 1], valid (B,) bool),
+    where `valid` is False for faces without landmarks and for classes without AUs.
+    Equal to `heatmap()` per face up to the +-4 sigma truncation (< 4e-4; see tests).
+    """
+    import torch
+
+    h, w = _size_hw(size)
+    anchors = torch.as_tensor(anchors, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=anchors.device)
+    table = blob_table(expressions)
+    index = torch.as_tensor(table.index, device=anchors.device)[labels]  # (B, K)
+    valid_k = torch.as_tensor(table.valid, device=anchors.device)[labels]  # (B, K)
+    has_face = torch.isfinite(anchors).flatten(1).all(dim=1)
+    safe = torch.where(torch.isfinite(anchors), anchors, torch.zeros_like(anchors))
+    centres = torch.gather(safe, 1, index[..., None].expand(-1, -1, 2))  # (B, K, 2)
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"unknown sigma_mode {sigma_mode!r}; valid: {', '.join(SIGMA_MODES)}")
+    if sigma_mode == "image":
+        sig = torch.full((anchors.shape[0],), REFERENCE_SIGMA if sigma is None else sigma, device=anchors.device)
+    else:
+        iod = (safe[:, ANCHOR_INDEX["left_eye_center"]] - safe[:, ANCHOR_INDEX["right_eye_center"]]).norm(dim=-1)
+        sig = (FACE_SIGMA if sigma is None else sigma) * iod.clamp_min(1e-3)
+    # Each blob is drawn only inside its +-TRUNCATE sigma window (values beyond are < 4e-4)
+    # and scattered into the flat maps with a max: only real blobs (no padding), far less
+    # work than dense (B, K, h, w) products.
+    n = anchors.shape[0]
+    out = torch.zeros(n * h * w, device=anchors.device)
+    keep = valid_k & has_face[:, None]
+    img, _ = keep.nonzero(as_tuple=True)
+    c = centres[keep]  # (N, 2) all real blobs of the batch
+    if len(c):
+        radius = int(np.ceil(TRUNCATE * float(sig.max()) * max(h, w)))
+        offsets = torch.arange(-radius, radius + 1, device=anchors.device)
+        for s in range(0, len(c), chunk * 16):
+            cs, ims = c[s:s + chunk * 16], img[s:s + chunk * 16]
+            inv = (1.0 / (2 * sig[ims] ** 2))[:, None]
+            px = (cs[:, 0:1] * w).floor().long() + offsets  # (m, win) pixel columns
+            py = (cs[:, 1:2] * h).floor().long() + offsets  # (m, win) pixel rows
+            gx = torch.exp(-(((px + 0.5) / w) - cs[:, 0:1]) ** 2 * inv) * ((px >= 0) & (px < w))
+            gy = torch.exp(-(((py + 0.5) / h) - cs[:, 1:2]) ** 2 * inv) * ((py >= 0) & (py < h))
+            values = (gy[:, :, None] * gx[:, None, :]).flatten(1)
+            rows = py.clamp_(0, h - 1).mul_(w).add_((ims * (h * w))[:, None])
+            index = (rows[:, :, None] + px.clamp_(0, w - 1)[:, None, :]).flatten(1)
+            out.scatter_reduce_(0, index.flatten(), values.flatten(), reduce="amax")
+    out = out.reshape(n, h, w)
+    peak = out.flatten(1).amax(dim=1).clamp_min(1e-12) if h * w else torch.ones(n, device=out.device)
+    out = out / peak[:, None, None]
+    valid = has_face & valid_k.any(dim=1)
+    out[~valid] = 0.0
+    return out, valid

@@ -1,0 +1,157 @@
+"""Small shared helpers: atomic writes, seeding, run provenance, choice validation.
+
+Every module writes results through `atomic_write_*` so that a run killed mid-write
+leaves the previous file intact, and stamps results with `run_info()` so each file
+says which code version and configuration produced it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """An invalid parameter; raised before any work starts, listing the valid choices."""
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return `value` if it is one of `choices`, else raise ConfigError listing them."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; valid choices: {', '.join(map(str, choices))}")
+    return value
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, sort_keys=False) + "\n")
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_csv(path: str | os.PathLike, frame: Any) -> Path:
+    """Write a pandas DataFrame as CSV atomically."""
+    return atomic_write_text(path, frame.to_csv(index=False))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (if imported) so CPU runs are repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency in practice
+        return
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def git_revision(short: bool = True) -> str:
+    """The repository's current commit (with '-dirty' when it has uncommitted changes), or 'unknown'."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "fer_lib"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_info(config: Any = None, **extra: Any) -> dict[str, Any]:
+    """Provenance block stamped into every results file: time, code version, host, config."""
+    import platform
+
+    info: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if config is not None:
+        info["config"] = json.loads(json.dumps(config, default=_json_default))
+    info.update(extra)
+    return info
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_hash(obj: Any, length: int = 10) -> str:
+    """Stable short hash of a JSON-serialisable configuration (used for run ids and cache keys)."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default)
+    return sha256_bytes(text.encode())[:length]

@@ -1,0 +1,144 @@
+"""The AU codebook against the paper, heatmap rendering, and the batched renderer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fer_lib import au
+from fer_lib.landmarks import ANCHOR_INDEX, ANCHORS
+
+# Paper (Belharbi et al., FG 2024), Fig. 2, transcribed independently of fer_lib.au
+PAPER_CODEBOOK = {
+    "happiness": {6, 12, 25},
+    "surprise": {1, 2, 5, 26, 27},
+    "fear": {1, 2, 4, 5, 20, 25, 26, 27},
+    "anger": {4, 5, 7, 10, 17, 23, 24, 25, 26},
+    "disgust": {9, 10, 16, 17, 25, 26},
+    "sadness": {1, 4, 6, 15, 17},
+    "neutral": set(),
+}
+
+
+def test_codebook_matches_paper():
+    assert set(au.EXPRESSIONS) == set(PAPER_CODEBOOK)
+    for expression, aus in PAPER_CODEBOOK.items():
+        assert set(au.CODEBOOK[expression]) == aus, expression
+    assert all(a in au.AU_REGIONS and a in au.AU_NAMES for aus in PAPER_CODEBOOK.values() for a in aus)
+    assert all(set(r) <= set(ANCHORS) for r in au.AU_REGIONS.values())
+
+
+def _frontal_anchors() -> np.ndarray:
+    """Hand-made anchors of a frontal face (normalised)."""
+    pos = {
+        "forehead_center": (0.5, 0.15), "glabella": (0.5, 0.3),
+        "left_brow_inner": (0.58, 0.3), "left_brow_mid": (0.67, 0.28), "left_brow_outer": (0.76, 0.3),
+        "right_brow_inner": (0.42, 0.3), "right_brow_mid": (0.33, 0.28), "right_brow_outer": (0.24, 0.3),
+        "left_eye_inner": (0.58, 0.4), "left_eye_outer": (0.76, 0.4), "left_upper_lid": (0.67, 0.37),
+        "left_lower_lid": (0.67, 0.43), "left_eye_center": (0.67, 0.4),
+        "right_eye_inner": (0.42, 0.4), "right_eye_outer": (0.24, 0.4), "right_upper_lid": (0.33, 0.37),
+        "right_lower_lid": (0.33, 0.43), "right_eye_center": (0.33, 0.4),
+        "nose_root": (0.5, 0.4), "nose_tip": (0.5, 0.58), "left_nose_wing": (0.57, 0.57),
+        "right_nose_wing": (0.43, 0.57), "left_cheek": (0.72, 0.55), "right_cheek": (0.28, 0.55),
+        "left_nasolabial": (0.62, 0.64), "right_nasolabial": (0.38, 0.64),
+        "left_mouth_corner": (0.64, 0.72), "right_mouth_corner": (0.36, 0.72),
+        "upper_lip": (0.5, 0.69), "lower_lip": (0.5, 0.77), "mouth_center": (0.5, 0.73),
+        "chin": (0.5, 0.9), "left_jaw": (0.78, 0.8), "right_jaw": (0.22, 0.8),
+    }
+    return np.array([pos[a] for a in ANCHORS], np.float32)
+
+
+@pytest.mark.parametrize("expression", au.EXPRESSIONS)
+def test_heatmap_shape_range_and_peaks(expression):
+    anchors = _frontal_anchors()
+    m = au.heatmap(anchors, expression, (64, 48))
+    assert m.shape == (64, 48) and m.dtype == np.float32
+    if expression == "neutral":
+        assert not m.any() and not au.has_au_map("neutral")
+        return
+    assert m.min() >= 0 and m.max() == pytest.approx(1.0)
+    # every blob centre of the expression is a local high point of the map
+    for a in au.CODEBOOK[expression]:
+        for name in au.AU_REGIONS[a]:
+            x, y = anchors[ANCHOR_INDEX[name]]
+            assert m[int(y * 64), int(x * 48)] > 0.8, (expression, a, name)
+
+
+def test_happiness_mass_on_mouth_and_cheeks_not_forehead():
+    m = au.heatmap(_frontal_anchors(), "happiness", 100)
+    assert m[:30].sum() < 0.01 * m.sum()  # forehead and brows (y < 0.3)
+    assert m[35:85].sum() > 0.95 * m.sum()  # eye corners (AU6), cheeks and mouth
+
+
+def test_per_au_maps_and_generic_map():
+    anchors = _frontal_anchors()
+    maps = au.au_maps(anchors, "surprise", 32)
+    assert sorted(maps) == sorted(au.CODEBOOK["surprise"])
+    assert all(m.max() == pytest.approx(1.0) for m in maps.values())
+    generic = au.all_au_heatmap(anchors, 32)
+    for e in au.EXPRESSIONS:
+        # same blobs, each map normalised by its own peak: equal up to sub-pixel peak offsets
+        assert (generic >= au.heatmap(anchors, e, 32) - 0.05).all()
+
+
+def test_sigma_reference_and_face_modes():
+    anchors = _frontal_anchors()
+    assert au.sigma_for(anchors) == pytest.approx(8 / 224)
+    iod = 0.34
+    assert au.sigma_for(anchors, sigma_mode="face") == pytest.approx(au.FACE_SIGMA * iod, rel=1e-4)
+    wide = au.heatmap(anchors, "happiness", 64, sigma=0.1)
+    narrow = au.heatmap(anchors, "happiness", 64, sigma=0.02)
+    assert wide.sum() > 3 * narrow.sum()
+    with pytest.raises(ValueError, match="valid: image, face"):
+        au.heatmap(anchors, "happiness", 64, sigma_mode="bogus")
+
+
+def test_unknown_expression_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid expressions: neutral, happiness"):
+        au.heatmap(_frontal_anchors(), "joy", 32)
+    with pytest.raises(ValueError, match="valid AUs"):
+        au.au_map(_frontal_anchors(), 99, 32)
+
+
+def test_batched_renderer_equals_numpy_and_masks_missing():
+    rng = np.random.default_rng(0)
+    base = _frontal_anchors()
+    anchors = np.stack([base + rng.normal(0, 0.02, base.shape).astype(np.float32) for _ in range(14)])
+    labels = np.arange(14) % len(au.EXPRESSIONS)
+    anchors[3] = np.nan  # a face without landmarks
+    maps, valid = au.render_heatmaps(torch.from_numpy(anchors), torch.from_numpy(labels), 40)
+    assert maps.shape == (14, 40, 40)
+    for i in range(14):
+        expression = au.EXPRESSIONS[labels[i]]
+        if i == 3:
+            assert not valid[i] and not maps[i].any()
+            continue
+        np.testing.assert_allclose(maps[i].numpy(), au.heatmap(anchors[i], expression, 40), atol=1e-3)
+        assert bool(valid[i]) == au.has_au_map(expression)
+    small, _ = au.render_heatmaps(torch.from_numpy(anchors), torch.from_numpy(labels), 40, chunk=3)
+    torch.testing.assert_close(small, maps)
+
+
+def test_register_compound_expression():
+    au.register_expression("test_happily_surprised", (1, 2, 12, 25))
+    m = au.heatmap(_frontal_anchors(), "test_happily_surprised", 32)
+    assert m.max() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="AUs without a region"):
+        au.register_expression("bad", (1, 99))
+    with pytest.raises(ValueError, match="already in the codebook"):
+        au.register_expression("happiness", (1,))
+    del au.CODEBOOK["test_happily_surprised"]
+
+
+def test_astronaut_happiness_map_lies_on_mouth_and_cheeks(astronaut_landmarks):
+    """On a real photo, the happiness map's mass is around mouth and cheeks, not the forehead."""
+    anchors = astronaut_landmarks.anchors()
+    m = au.heatmap(anchors, "happiness", 512, sigma_mode="face")
+    ys, xs = np.mgrid[0:512, 0:512]
+    cy = (m * ys).sum() / m.sum()
+    forehead_y = anchors[ANCHOR_INDEX["forehead_center"], 1] * 512
+    eye_y = anchors[ANCHOR_INDEX["left_eye_center"], 1] * 512
+    chin_y = anchors[ANCHOR_INDEX["chin"], 1] * 512
+    assert eye_y < cy < chin_y
+    assert m[: int(forehead_y)].sum() < 0.02 * m.sum()  # forehead: almost nothing
+    assert m[int(eye_y):].sum() > 0.7 * m.sum()  # cheeks and mouth: most of it
