@@ -1,0 +1,233 @@
+"""Dataset readers on tiny fake trees, label mappings, aligned transforms, unreadable images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_lib.au import EXPRESSIONS, combine_aus
+from fer_lib.data import (COMPOUND_EXPRESSIONS, DatasetLayoutError, FERDataset, LabelError, Record, build_datasets,
+                          generate_sample, geometric_transform, load_affectnet, load_csv_manifest, load_fer2013_csv,
+                          load_image_folder, load_rafdb)
+from fer_lib.data.dataset import DEFAULT_FER2013_ROOT
+from fer_lib.landmarks import ANCHOR_INDEX, flip_anchors
+from fer_lib.utils import ConfigError
+
+
+def _png(path: Path, value: int = 128, size: int = 24) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _rafdb(root: Path, subset: str, labels: dict[str, int]) -> Path:
+    base = root / subset
+    lines = []
+    for name, lab in labels.items():
+        _png(base / "Image" / "aligned" / f"{name}_aligned.jpg")
+        lines.append(f"{name}.jpg {lab}")
+    (base / "EmoLabel").mkdir(parents=True, exist_ok=True)
+    (base / "EmoLabel" / "list_patition_label.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_rafdb_basic_mapping_and_roots(tmp_path):
+    labels = {f"train_{i:05d}": 1 + i % 7 for i in range(1, 29)}
+    labels.update({f"test_{i:04d}": 1 + i % 7 for i in range(1, 8)})
+    root = _rafdb(tmp_path, "basic", labels)
+    index = load_rafdb(root, val_fraction=0.25)
+    assert index.class_names == EXPRESSIONS
+    by_name = {Path(r.path).name: r for r in index.records}
+    raf_to_project = {1: "surprise", 2: "fear", 3: "disgust", 4: "happiness", 5: "sadness", 6: "anger", 7: "neutral"}
+    for name, lab in labels.items():
+        assert EXPRESSIONS[by_name[f"{name}_aligned.jpg"].label] == raf_to_project[lab]
+    assert set(index.splits()) == {"train", "val", "test"}
+    assert all((r.split == "test") == Path(r.path).name.startswith("test_") for r in index.records)
+    assert len(load_rafdb(root / "basic", val_fraction=0.0).records) == len(labels)  # root at basic/ directly
+
+
+def test_rafdb_compound_and_errors(tmp_path):
+    root = _rafdb(tmp_path, "compound", {f"train_{i:04d}": i for i in range(1, 12)} | {"test_0001": 11})
+    index = load_rafdb(root, subset="compound", val_fraction=0.0)
+    assert index.class_names == COMPOUND_EXPRESSIONS and len(COMPOUND_EXPRESSIONS) == 11
+    assert {COMPOUND_EXPRESSIONS[r.label] for r in index.records} == set(COMPOUND_EXPRESSIONS)
+    assert COMPOUND_EXPRESSIONS[0] == "happily_surprised" and COMPOUND_EXPRESSIONS[-1] == "disgustedly_surprised"
+    with pytest.raises(DatasetLayoutError, match="list_patition_label.txt"):
+        load_rafdb(tmp_path / "nowhere")
+    with pytest.raises(DatasetLayoutError, match="Image/aligned"):
+        load_rafdb(tmp_path)  # compound tree only: no basic label file
+    bad = _rafdb(tmp_path / "bad", "basic", {"train_00001": 9})
+    with pytest.raises(LabelError, match="valid labels 1-7"):
+        load_rafdb(bad)
+
+
+def test_affectnet_skips_non_expressions_with_counts(tmp_path):
+    rows = ["subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"]
+    for i, e in enumerate([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 1]):
+        rel = f"{i % 3}/img{i}.jpg"
+        _png(tmp_path / "Manually_Annotated_Images" / rel)
+        rows.append(f"{rel},0,0,24,24,,{e},0.1,0.2")
+    lists = tmp_path / "Manually_Annotated_file_lists"
+    lists.mkdir()
+    (lists / "training.csv").write_text("\n".join(rows) + "\n")
+    (lists / "validation.csv").write_text("\n".join(rows[:4]) + "\n")
+    seven = load_affectnet(tmp_path, num_classes=7, val_fraction=0.0)
+    assert seven.stats["skipped_labels"] == {"contempt": 1, "none": 1, "uncertain": 1, "non_face": 2}
+    assert len(seven.split("train")) == 8 and len(seven.split("test")) == 3
+    assert [EXPRESSIONS[r.label] for r in seven.split("test")] == ["neutral", "happiness", "sadness"]
+    eight = load_affectnet(tmp_path, num_classes=8, val_fraction=0.0)
+    assert eight.class_names[7] == "contempt" and sum(r.label == 7 for r in eight.records) == 1
+    (lists / "training.csv").write_text(rows[0] + "\n0/img0.jpg,0,0,24,24,,12,0,0\n")
+    with pytest.raises(LabelError, match="unknown AffectNet expression id 12"):
+        load_affectnet(tmp_path)
+    with pytest.raises(DatasetLayoutError, match="training.csv"):
+        load_affectnet(tmp_path / "Manually_Annotated_Images")
+
+
+def test_fer2013_csv_mapping_gray_to_rgb_and_bad_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["emotion,pixels,Usage"]
+    usages = ["Training", "PublicTest", "PrivateTest"]
+    for e in range(7):
+        for u in usages:
+            lines.append(f"{e},{' '.join(map(str, rng.integers(0, 256, 48 * 48)))},{u}")
+    lines.append("3,1 2 3,Training")  # too few pixels: skipped with the reason
+    csv = tmp_path / "fer2013.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    index = load_fer2013_csv(csv)
+    fer_to_project = ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"]
+    assert [EXPRESSIONS[r.label] for r in index.split("train")] == fer_to_project
+    assert len(index.split("val")) == len(index.split("test")) == 7
+    assert len(index.skipped) == 1 and "bad pixel string" in index.skipped[0][1]
+    ds = build_datasets("fer2013", root=csv, image_size=32, landmarks="none", progress=False)
+    x, y, m, h = ds["train"][0]
+    assert x.shape == (3, 32, 32) and not bool(h) and float(m.abs().sum()) == 0.0
+    assert len(ds["train"].skipped) == 1
+
+
+def test_image_folder_synonyms_and_unknown_class(tmp_path):
+    for split in ("train", "val"):
+        for folder in ("angry", "happy", "Sad", "surprised", "fearful", "disgusted", "neutral"):
+            for i in range(3):
+                _png(tmp_path / "ok" / split / folder / f"{i}.png", value=10 * i)
+    (tmp_path / "ok" / "train" / "happy" / "notes.txt").write_text("not an image")
+    index = load_image_folder(tmp_path / "ok")
+    assert index.class_names == EXPRESSIONS and index.stats["ignored_non_image_files"] == 1
+    mapping = index.stats["class_folders"]
+    assert mapping == {"angry": "anger", "happy": "happiness", "Sad": "sadness", "surprised": "surprise",
+                       "fearful": "fear", "disgusted": "disgust", "neutral": "neutral"}
+    for r in index.records:
+        assert EXPRESSIONS[r.label] == mapping[Path(r.path).parent.name]
+    assert index.counts()["val"] == {e: 3 for e in EXPRESSIONS}
+    _png(tmp_path / "bad" / "grumpy" / "0.png")
+    with pytest.raises(LabelError, match="grumpy"):
+        load_image_folder(tmp_path / "bad")
+    with pytest.raises(DatasetLayoutError, match="<split>/<class>"):
+        load_image_folder(tmp_path / "missing")
+
+
+def test_csv_manifest_names_ids_and_splits(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "m.csv").write_text("path,label,split\nimg/0.png,happy,train\nimg/1.png,6,test\n"
+                                    "img/2.png,Sadness,val\nimg/3.png,contempt,train\n")
+    index = load_csv_manifest(tmp_path / "m.csv")
+    assert index.class_names[-1] == "contempt"
+    assert [(index.class_names[r.label], r.split) for r in index.records] == [
+        ("happiness", "train"), ("anger", "test"), ("sadness", "val"), ("contempt", "train")]
+    (tmp_path / "bad.csv").write_text("path,label\nimg/0.png,grumpy\n")
+    with pytest.raises(LabelError, match="accepted names"):
+        load_csv_manifest(tmp_path / "bad.csv")
+    (tmp_path / "cols.csv").write_text("file,emotion\nimg/0.png,happy\n")
+    with pytest.raises(DatasetLayoutError, match="path,label"):
+        load_csv_manifest(tmp_path / "cols.csv")
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path):
+    root = tmp_path / "data"
+    for e in ("happy", "sad"):
+        for i in range(4):
+            _png(root / "train" / e / f"{i}.png", size=32)
+        _png(root / "val" / e / "0.png", size=32)
+    (root / "train" / "happy" / "empty.png").write_bytes(b"")
+    (root / "train" / "sad" / "text.png").write_text("hello")
+    good = (root / "train" / "sad" / "0.png").read_bytes()
+    (root / "train" / "sad" / "cut.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    ds = build_datasets("imagefolder", root=root, image_size=32, landmarks="none", output_dir=out, progress=False)
+    skipped = dict(ds["train"].skipped)
+    assert len(skipped) == 3 and len(ds["train"]) == 8
+    assert "empty" in skipped[str(root / "train" / "happy" / "empty.png")]
+    assert (out / "skipped_train.csv").read_text().count("\n") == 4
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds["train"], batch_size=4)
+    assert sum(len(b[0]) for b in loader) == 8
+
+
+def _dot_image(size: int, point: np.ndarray) -> Image.Image:
+    arr = np.zeros((size, size, 3), np.uint8)
+    x, y = int(point[0] * size), int(point[1] * size)
+    arr[y - 1:y + 2, x - 1:x + 2] = 255
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("kw", [dict(flip=True), dict(centre=(0.45, 0.55), scale=0.8, angle_deg=9.0),
+                                dict(centre=(0.55, 0.5), scale=0.9, angle_deg=-7.0, flip=True)])
+def test_transform_moves_anchors_with_the_image(kw):
+    s = generate_sample("happiness", seed=2, index=1)
+    corner = s.anchors[ANCHOR_INDEX["left_mouth_corner"]]
+    img, anchors = geometric_transform(_dot_image(112, corner), s.anchors, 96, **kw)
+    arr = np.asarray(img)[..., 0].astype(float)
+    ys, xs = np.nonzero(arr > 0.5 * arr.max())
+    seen = np.array([xs.mean() + 0.5, ys.mean() + 0.5]) / 96
+    name = "right_mouth_corner" if kw.get("flip") else "left_mouth_corner"  # a flip swaps the names
+    assert np.abs(seen - anchors[ANCHOR_INDEX[name]]).max() < 2.5 / 96
+
+
+def test_flip_keeps_au_maps_on_the_right_side():
+    s = generate_sample("happiness", seed=0, index=0)
+    shifted = s.anchors + np.array([0.12, 0.0])  # face on the image right: an asymmetric map
+    base_img, base = geometric_transform(Image.fromarray(s.image), shifted, 112)
+    flip_img, flipped = geometric_transform(Image.fromarray(s.image), shifted, 112, flip=True)
+    assert np.array_equal(np.asarray(flip_img), np.asarray(base_img)[:, ::-1])
+    m0 = combine_aus(base, (6, 12, 25), 112)
+    m1 = combine_aus(flipped, (6, 12, 25), 112)
+    assert np.abs(m1 - m0[:, ::-1]).max() < 1e-4
+    assert m0[:, 56:].sum() > 2 * m0[:, :56].sum() and m1[:, :56].sum() > 2 * m1[:, 56:].sum()
+    assert flipped[ANCHOR_INDEX["left_mouth_corner"], 0] > 0.5 - 0.12  # subject's left still on the image right
+    assert np.allclose(flip_anchors(flipped), base, atol=1e-6)
+
+
+def test_dataset_augmentation_renders_maps_from_transformed_anchors():
+    s = generate_sample("surprise", seed=1, index=3)
+    rec = Record(path="mem", label=EXPRESSIONS.index("surprise"), split="train", image=s.image,
+                 anchors=s.anchors, has_landmarks=True)
+    ds = FERDataset([rec], EXPRESSIONS, image_size=64, augment=True)
+    rgb, anchors, au = ds.sample(0, rng=np.random.default_rng(0))
+    assert np.allclose(au, combine_aus(anchors, (1, 2, 5, 26, 27), 64), atol=1e-5)
+    x, y, m, h = ds[0]
+    assert x.shape == (3, 64, 64) and int(y) == 3 and bool(h) and 0.99 < float(m.max()) <= 1.0
+
+
+def test_ground_truth_only_for_synthetic(tmp_path):
+    with pytest.raises(ConfigError, match="only available for the synthetic"):
+        build_datasets("imagefolder", root=tmp_path, landmarks="ground_truth")
+    with pytest.raises(ConfigError, match="valid choices"):
+        build_datasets("mnist")
+
+
+@pytest.mark.realdata
+def test_reads_shared_fer2013_image_folder():
+    if not DEFAULT_FER2013_ROOT.is_dir():
+        pytest.skip(f"FER2013 not available at {DEFAULT_FER2013_ROOT} (only on machines with the shared data)")
+    ds = build_datasets("fer2013", image_size=48, landmarks="none", max_per_class=2, progress=False)
+    assert set(ds) == {"train", "val"}
+    assert ds["train"].class_names == EXPRESSIONS and len(ds["train"]) == 14 and len(ds["val"]) == 14
+    for i in range(len(ds["val"])):
+        x, y, m, h = ds["val"][i]
+        assert x.shape == (3, 48, 48)
+        folder = Path(ds["val"].records[i].path).parent.name
+        assert {"angry": "anger", "happy": "happiness", "sad": "sadness"}.get(folder, folder) == EXPRESSIONS[int(y)]
