@@ -43,6 +43,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; results are for every reader
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -155,3 +158,21 @@ def config_hash(obj: Any, length: int = 10) -> str:
     """Stable short hash of a JSON-serialisable configuration (used for run ids and cache keys)."""
     text = json.dumps(obj, sort_keys=True, default=_json_default)
     return sha256_bytes(text.encode())[:length]
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `path` for the block; waits for other holders.
+
+    Used where concurrent processes would otherwise build the same cached artefact twice.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
