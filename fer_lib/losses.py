@@ -1,0 +1,124 @@
+"""The composite loss: cross-entropy + lambda * mean over tapped layers of an attention/AU-map alignment.
+
+    loss = CE(logits, y) + au_weight * mean_layers( mean_valid_samples( align(att_l, resize(au_map, l)) ) )
+
+- `att_l` is the layer attention (mean over channels, fer_lib.models.layer_attention).
+- The AU map is resized to the layer's size by area interpolation (average pooling), which
+  keeps its mass where it was.
+- Valid samples have landmarks and a class with AUs (non-zero map). Others (neutral, no face)
+  contribute CE only: they are masked out of the mean, never compared with a zero map. If no
+  sample in the batch is valid the AU term is exactly 0 (still connected to the graph, so DDP
+  sees the same parameters used on every rank).
+
+Alignment kinds (the paper ablates the loss; "cosine" is the paper's):
+- "cosine": 1 - cosine(flattened attention, flattened map); scale-invariant, no normalisation.
+- "l1" / "l2": mean |a - m| / mean (a - m)^2 after min-max normalising both maps to [0, 1]
+  per sample (the attention's scale is arbitrary, so it is removed first).
+- "kl": KL(map || attention) with both maps as spatial distributions: the attention is
+  min-max normalised and the map taken as is, each plus 1e-6 and divided by its sum.
+All are computed in float32 (safe under AMP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import layer_attention
+from .utils import ConfigError, check_choice
+
+AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl")
+_EPS = 1e-6
+
+
+def resize_map(au_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Area-resize a (B,1,H,W) map to `size` (h, w) (average pooling, exact for integer ratios)."""
+    h, w = int(size[0]), int(size[1])
+    if tuple(au_map.shape[-2:]) == (h, w):
+        return au_map
+    return F.adaptive_avg_pool2d(au_map, (h, w))
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=1, keepdim=True)
+    hi = x.amax(dim=1, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(_EPS)
+
+
+def alignment(attention: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Per-sample misalignment (B,) between an attention map and a same-size AU map (0 = aligned)."""
+    check_choice("au_loss", kind, AU_LOSSES)
+    a = attention.flatten(1).float()
+    m = target.flatten(1).float()
+    if a.shape != m.shape:
+        raise ValueError(f"attention {tuple(attention.shape)} and map {tuple(target.shape)} differ in size")
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(a, m, dim=1, eps=1e-8)
+    if kind == "l1":
+        return (_minmax(a) - _minmax(m)).abs().mean(dim=1)
+    if kind == "l2":
+        return ((_minmax(a) - _minmax(m)) ** 2).mean(dim=1)
+    p = _minmax(a) + _EPS
+    p = p / p.sum(dim=1, keepdim=True)
+    t = m.clamp_min(0) + _EPS
+    t = t / t.sum(dim=1, keepdim=True)
+    return (t * (t.log() - p.log())).sum(dim=1)
+
+
+def valid_map_mask(au_maps: torch.Tensor, has_landmarks: torch.Tensor) -> torch.Tensor:
+    """(B,) True where the AU map can guide the model: landmarks found and a non-zero map."""
+    return has_landmarks.bool().view(-1) & (au_maps.flatten(1).amax(dim=1) > 0)
+
+
+@dataclass
+class LossParts:
+    """Detached parts of the loss for logging."""
+
+    total: float
+    ce: float
+    au: float
+    n_valid: int
+
+
+class AUGuidedLoss(nn.Module):
+    """CE (optional label smoothing) + au_weight * mean over layers of masked alignment."""
+
+    def __init__(self, au_weight: float = 9.0, kind: str = "cosine", label_smoothing: float = 0.0):
+        super().__init__()
+        if not isinstance(au_weight, (int, float)) or au_weight < 0 or au_weight != au_weight:
+            raise ConfigError(f"au_weight (lambda) must be a number >= 0, got {au_weight!r}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.au_weight = float(au_weight)
+        self.kind = check_choice("au_loss", kind, AU_LOSSES)
+        self.label_smoothing = float(label_smoothing)
+
+    def au_term(self, features: Sequence[torch.Tensor], au_maps: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+        """Mean over layers of the alignment averaged over valid samples (0 when none is valid)."""
+        mask = valid.float()
+        n = mask.sum().clamp_min(1.0)
+        terms = []
+        for feat in features:
+            att = layer_attention(feat.float())
+            target = resize_map(au_maps.float(), att.shape[-2:])
+            per_sample = alignment(att, target, self.kind)
+            per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+            terms.append((per_sample * mask).sum() / n)
+        return torch.stack(terms).mean()
+
+    def forward(self, logits: torch.Tensor, features: Sequence[torch.Tensor], labels: torch.Tensor,
+                au_maps: torch.Tensor, has_landmarks: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        valid = valid_map_mask(au_maps, has_landmarks)
+        if self.au_weight > 0 and len(features) > 0:
+            au = self.au_term(features, au_maps, valid)
+        else:
+            au = ce.new_zeros(())
+        total = ce + self.au_weight * au
+        parts = LossParts(total=float(total.detach()), ce=float(ce.detach()), au=float(au.detach()),
+                          n_valid=int(valid.sum()))
+        return total, parts

@@ -1,0 +1,352 @@
+"""Any timm classifier with its chosen stages tapped by forward hooks (no architecture change).
+
+`build_model("resnet50", layers=("last",))` returns a `TappedModel` whose `forward` gives
+`(logits, [spatial feature map per tapped stage])`; `layer_attention` turns a feature map
+into the paper's layer attention (mean over channels, (B,1,h,w)).
+
+Stage numbering (1-based, the paper's convention) follows timm's `feature_info`:
+- ResNet: 1 = act1 (stem), 2..5 = layer1..layer4, so the paper's "layer 5" of ResNet50 is
+  `layer4`, the last stage; ConvNeXt / Swin: 1..4 = stages; EfficientNet / MobileNetV3: the
+  five feature levels timm reports (stride 2, 4, 8, 16, 32).
+- ViT / DeiT: every transformer block is a stage (1..depth, e.g. 1..12 for vit_tiny); their
+  tokens are reshaped to the patch grid after dropping the class / distillation / register
+  tokens (`num_prefix_tokens`).
+A layer is given as a stage number, a negative index from the end (-1 = last), "last", or
+the module name itself (e.g. "layer4"). `available_layers(backbone)` lists the choices.
+
+No network access: `pretrained=True` needs `weights=<local file>` (a state dict in .pth/.pt/
+.safetensors, a timm checkpoint, or a fer_lib checkpoint). Shapes that match load strictly;
+the classifier is re-initialised when the class count differs.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .au import EXPRESSIONS
+from .lnlattennet import LNL_BACKBONES, LNL_STAGES, build_lnlattennet, lnl_from_config
+from .utils import ConfigError
+
+#: backbones tried and tested here; any other timm model name with `feature_info` also works
+KNOWN_BACKBONES: tuple[str, ...] = (
+    "resnet18", "resnet34", "resnet50", "mobilenetv3_small_100", "mobilenetv3_large_100",
+    "convnext_atto", "convnext_tiny", "efficientnet_b0", "tf_efficientnet_lite0",
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
+    "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224",
+)
+
+#: timm model families that need `img_size` at construction (fixed position embeddings / windows)
+_IMG_SIZE_PREFIXES = ("vit", "deit", "swin", "eva", "beit", "cait", "xcit", "pit", "levit")
+
+LayerSpec = int | str
+
+
+def _check_backbone(backbone: str) -> None:
+    import timm
+
+    if backbone in LNL_BACKBONES:
+        return
+    if not isinstance(backbone, str) or not timm.is_model(backbone):
+        close = difflib.get_close_matches(str(backbone), timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown backbone {backbone!r}.{hint} Valid choices: any timm model name "
+            f"(timm.list_models()), e.g. {', '.join(KNOWN_BACKBONES)}")
+
+
+def _create_net(backbone: str, num_classes: int, image_size: int, in_chans: int) -> nn.Module:
+    import timm
+
+    _check_backbone(backbone)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+    if backbone.startswith(_IMG_SIZE_PREFIXES):
+        kwargs["img_size"] = image_size
+    return timm.create_model(backbone, pretrained=False, **kwargs)
+
+
+def _feature_modules(net: nn.Module) -> list[str]:
+    info = getattr(net, "feature_info", None)
+    if not info:
+        raise ConfigError(f"{type(net).__name__} reports no timm feature_info; give layers as module names")
+    return [f["module"] for f in info]
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_table(backbone: str) -> tuple[tuple[str, ...], int]:
+    """(stage module names, total stride of the deepest stage) of a backbone, built once at 224 px."""
+    net = _create_net(backbone, num_classes=7, image_size=224, in_chans=3)
+    names = tuple(_feature_modules(net))
+    return names, max((int(f.get("reduction", 1) or 1) for f in net.feature_info), default=1)
+
+
+def _available(backbone: str) -> tuple[str, ...]:
+    if backbone in LNL_BACKBONES:
+        return LNL_STAGES
+    return _feature_table(backbone)[0]
+
+
+def min_image_size(backbone: str) -> int:
+    """Smallest input side (px) a backbone takes: the stride of its deepest stage (its last map is then 1x1)."""
+    _check_backbone(backbone)
+    if backbone in LNL_BACKBONES:
+        return 32  # LNLAttenNet's default 4x4 region grid needs 8 px per region
+    return max(16, _feature_table(backbone)[1])
+
+
+def check_image_size(backbone: str, image_size: int) -> int:
+    """Return `image_size` if the backbone can take it, else raise ConfigError naming the minimum."""
+    smallest = min_image_size(backbone)
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < smallest:
+        raise ConfigError(
+            f"image_size {image_size!r} is too small for backbone {backbone!r}: its deepest stage has stride "
+            f"{smallest}, so its last feature map would be smaller than 1x1; the minimum is image_size={smallest}")
+    return image_size
+
+
+def available_layers(backbone: str) -> dict[int, str]:
+    """Valid stage numbers of a backbone (1-based, paper convention) -> tapped module name."""
+    _check_backbone(backbone)
+    return {i + 1: name for i, name in enumerate(_available(backbone))}
+
+
+def resolve_layers(backbone: str, layers: Sequence[LayerSpec] | LayerSpec) -> list[str]:
+    """Map layer specs (stage number, negative index, "last" or module name) to module names."""
+    stages = list(_available(backbone)) if isinstance(backbone, str) else list(backbone)
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    if len(layers) == 0:
+        raise ConfigError("layers is empty; give at least one stage, e.g. ('last',)")
+    choices = (f"stage numbers 1..{len(stages)} ({', '.join(f'{i + 1}={n}' for i, n in enumerate(stages))}), "
+               f"negative indices -1..-{len(stages)}, 'last', or a module name")
+    names: list[str] = []
+    for spec in layers:
+        name: str | None = None
+        if isinstance(spec, str) and spec.strip().lower() == "last":
+            name = stages[-1]
+        elif isinstance(spec, str) and spec in stages:
+            name = spec
+        else:
+            try:
+                idx = int(spec)
+            except (TypeError, ValueError):
+                idx = None
+            if idx is not None and 1 <= idx <= len(stages):
+                name = stages[idx - 1]
+            elif idx is not None and -len(stages) <= idx <= -1:
+                name = stages[idx]
+        if name is None:
+            raise ConfigError(f"invalid layer {spec!r} for backbone {backbone!r}; valid choices: {choices}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def layer_attention(feature: torch.Tensor) -> torch.Tensor:
+    """The paper's layer attention: mean over channels of a (B,C,h,w) map -> (B,1,h,w)."""
+    if feature.ndim != 4:
+        raise ValueError(f"expected a (B,C,h,w) feature map, got shape {tuple(feature.shape)}")
+    return feature.mean(dim=1, keepdim=True)
+
+
+class TappedModel(nn.Module):
+    """A timm model plus forward hooks on chosen stages; forward -> (logits, spatial features)."""
+
+    def __init__(self, net: nn.Module, tap_names: Sequence[str], config: dict[str, Any]):
+        super().__init__()
+        self.net = net
+        self.tap_names = list(tap_names)
+        self.config = dict(config)
+        modules = dict(net.named_modules())
+        missing = [n for n in self.tap_names if n not in modules]
+        if missing:
+            raise ConfigError(f"modules {missing} not found in {type(net).__name__}")
+        self._taps: dict[str, torch.Tensor] = {}
+        self._output_fmt = self._detect_format(net)
+        for name in self.tap_names:
+            modules[name].register_forward_hook(self._make_hook(name))
+
+    @staticmethod
+    def _detect_format(net: nn.Module) -> str:
+        if hasattr(net, "num_prefix_tokens") and hasattr(net, "patch_embed") and hasattr(net, "blocks"):
+            return "NLC"
+        return str(getattr(net, "output_fmt", "NCHW")).upper()
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self._taps[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def tap_modules(self) -> list[nn.Module]:
+        """The tapped modules (also the target layers for pytorch-grad-cam)."""
+        modules = dict(self.net.named_modules())
+        return [modules[n] for n in self.tap_names]
+
+    def to_spatial(self, output: torch.Tensor) -> torch.Tensor:
+        """A tapped module's output as (B,C,h,w); usable as grad-cam's reshape_transform."""
+        if self._output_fmt == "NLC" or output.ndim == 3:
+            prefix = int(getattr(self.net, "num_prefix_tokens", 0) or 0)
+            tokens = output[:, prefix:, :]
+            n = tokens.shape[1]
+            grid = getattr(getattr(self.net, "patch_embed", None), "grid_size", None)
+            if grid is not None and int(grid[0]) * int(grid[1]) == n:
+                h, w = int(grid[0]), int(grid[1])
+            else:
+                h = w = int(round(n ** 0.5))
+                if h * w != n:
+                    raise ValueError(f"cannot reshape {n} tokens to a square grid")
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+        if self._output_fmt == "NHWC":
+            return output.permute(0, 3, 1, 2)
+        return output
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._taps = {}
+        logits = self.net(x)
+        try:
+            feats = [self.to_spatial(self._taps[n]) for n in self.tap_names]
+        except KeyError as exc:  # pragma: no cover - a hook that did not fire
+            raise RuntimeError(f"tapped module {exc} did not run in forward") from None
+        self._taps = {}
+        return logits, feats
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits only."""
+        logits = self.net(x)
+        self._taps = {}
+        return logits
+
+
+# --------------------------------------------------------------------------- weights
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # fer_lib checkpoints hold numpy RNG states: trusted local file
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise ConfigError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(obj, dict):
+        for key in ("model_state", "state_dict", "model", "state_dict_ema", "module"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{path} does not hold a state dict (name -> tensor)")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "net."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
+    cls = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    return (cls,) if isinstance(cls, str) else tuple(cls)
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Load a local state dict into a timm model; re-initialise a classifier of another shape."""
+    state = _read_state_dict(path)
+    filt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    if filt is not None:  # timm's own conversions (e.g. position-embedding resampling)
+        try:
+            state = filt(state, net)
+        except Exception:
+            pass
+    own = net.state_dict()
+    heads = _classifier_prefixes(net)
+    dropped, mismatched = [], []
+    for k in list(state):
+        if k in own and own[k].shape != state[k].shape:
+            if any(k == h or k.startswith(h + ".") for h in heads):
+                dropped.append(k)
+                del state[k]
+            else:
+                mismatched.append(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+    if mismatched:
+        raise ConfigError(f"weights in {path} do not fit {type(net).__name__}: " + "; ".join(mismatched[:5]))
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in dropped]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"weights in {path} do not fit {type(net).__name__}: missing {missing[:5]}, "
+                          f"unexpected {list(result.unexpected_keys)[:5]}")
+    return {"reinitialised": dropped}
+
+
+# --------------------------------------------------------------------------- builders
+def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec] = ("last",),
+                image_size: int = 112, pretrained: bool = False, weights: str | os.PathLike | None = None,
+                in_chans: int = 3, class_names: Sequence[str] | None = None,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> TappedModel:
+    """Build a timm classifier with hooks on the chosen stages (validated before any work)."""
+    _check_backbone(backbone)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ConfigError(f"image_size must be an integer >= 16, got {image_size!r}")
+    if backbone not in LNL_BACKBONES:  # LNLAttenNet checks its own minimum (it depends on its grid)
+        check_image_size(backbone, image_size)
+    tap_names = resolve_layers(backbone, list(layers) if not isinstance(layers, (str, int)) else [layers])
+    if pretrained and weights is None:
+        raise ConfigError(
+            "pretrained=True needs weights=<path to a local checkpoint> (.pth/.pt/.safetensors state dict "
+            "or a fer_lib checkpoint): this project never downloads weights")
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"weights file not found: {weights}")
+    if backbone in LNL_BACKBONES:
+        return build_lnlattennet(backbone=backbone, num_classes=num_classes, layers=layers, image_size=image_size,
+                                 pretrained=pretrained, weights=weights, in_chans=in_chans,
+                                 class_names=class_names, mean=mean, std=std)
+    if class_names is None:
+        class_names = list(EXPRESSIONS) if num_classes == len(EXPRESSIONS) else [f"class_{i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
+    net = _create_net(backbone, num_classes, image_size, in_chans)
+    cfg = getattr(net, "pretrained_cfg", {})
+    config = {
+        "backbone": backbone, "num_classes": num_classes, "layers": [str(l) for l in layers],
+        "tap_names": tap_names, "image_size": image_size, "class_names": list(class_names),
+        "mean": list(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))),
+        "in_chans": in_chans,
+    }
+    if weights is not None:
+        load_weights(net, weights)
+    return TappedModel(net, tap_names, config)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[TappedModel, dict]:
+    """Rebuild a TappedModel from a fer_lib checkpoint alone; returns (model, checkpoint dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a fer_lib checkpoint (needs 'model_state' and 'model_config')")
+    mc = ckpt["model_config"]
+    if mc["backbone"] in LNL_BACKBONES:
+        model = lnl_from_config(mc)
+    else:
+        model = build_model(mc["backbone"], num_classes=mc["num_classes"], layers=mc["tap_names"],
+                            image_size=mc["image_size"], in_chans=mc.get("in_chans", 3),
+                            class_names=mc.get("class_names"), mean=mc.get("mean"), std=mc.get("std"))
+    model.config["layers"] = list(mc.get("layers", model.config["layers"]))
+    model.load_state_dict(ckpt["model_state"])
+    return model, ckpt
