@@ -1,0 +1,946 @@
+"""Interpretability analysis: layer attention, CAMs, and how well they agree with AU maps.
+
+The paper's second question is whether AU guidance makes a model's explanations land on
+the action units of the expression it recognises. This module answers it for any trained
+`TappedModel` (fer_lib.models):
+
+* `layer_attention_maps`: a tapped layer's attention (mean over channels), upsampled.
+* `compute_cams`: CAMs through pytorch-grad-cam (GradCAM, GradCAM++, LayerCAM, HiResCAM,
+  XGradCAM, ScoreCAM, EigenCAM) for CNNs and ViTs (the model's `to_spatial` is the reshape
+  transform), plus the model's own CAM (classifier weights x last features, "cam") for
+  GAP-headed CNNs. Every map is (B, H, W) at image size in [0, 1] (ReLU, then min-max).
+* `map_cosine` (fer_lib.metrics, the number training reports), `map_pearson`,
+  `energy_ratio` (share of the map's mass inside the AU regions) and `region_fraction`
+  (the AU regions' share of the image: what a uniform map would score).
+* `evaluate_interpretability` / `evaluate_checkpoint`: ATT-COS per layer, CAM-COS per method,
+  Pearson and energy ratio over the valid samples (landmarks found and a class with AUs),
+  plus accuracy (CL) over all samples; a tidy per-sample DataFrame and a summary dict.
+* `faithfulness_scores`: ROAD (most/least relevant first) and the CAM-times-image confidence
+  change from pytorch-grad-cam's metrics, with two control "explanations" scored the same
+  way: the AU prior itself ("au_prior") and a smooth random map ("random"). A map that only
+  copies the AU prior scores like "au_prior"; one that explains the model does better.
+* `collect_sample_maps`, `overlay_figure`, `class_grid_figure`: figures for chosen samples.
+
+Conventions: ATT-COS uses the raw attention (as the training loss and its metric do);
+Pearson and energy ratio use the attention min-max scaled to [0, 1], the same form as a CAM.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import classification_metrics, map_cosine
+from .models import layer_attention, load_checkpoint
+from .models import resolve_layers as _resolve_model_layers
+from .plots import save_figure
+from .utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, run_info
+
+# pytorch-grad-cam's methods, by the names notebooks and configs use.
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+from pytorch_grad_cam.metrics.road import (ROADLeastRelevantFirstAverage,
+                                           ROADMostRelevantFirstAverage)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+#: grad-cam classes by method name
+GRAD_CAM_METHODS: dict[str, type] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "scorecam": ScoreCAM,
+    "eigencam": EigenCAM,
+}
+#: the model's own CAM (Zhou et al. 2016): classifier weights x last features, GAP + linear heads only
+OWN_CAM = "cam"
+#: every CAM method name accepted by `compute_cams`
+CAM_METHODS: tuple[str, ...] = (*GRAD_CAM_METHODS, OWN_CAM)
+#: methods that are cheap enough for a default run (ScoreCAM needs one forward pass per channel)
+DEFAULT_CAM_METHODS: tuple[str, ...] = ("cam", "gradcam", "gradcam++", "layercam", "hirescam", "xgradcam",
+                                        "eigencam")
+#: which class a CAM explains
+TARGET_MODES: tuple[str, ...] = ("label", "prediction")
+#: control explanations for the faithfulness table
+CONTROL_MAPS: tuple[str, ...] = ("au_prior", "random")
+#: faithfulness metrics (pytorch-grad-cam): confidence change after perturbing by the map
+FAITHFULNESS_METRICS: tuple[str, ...] = ("road_morf", "road_lerf", "road_combined", "cam_mult")
+#: what the faithfulness metrics measure the change of
+FAITHFULNESS_SCORES: tuple[str, ...] = ("probability", "logit")
+#: how to read each faithfulness metric
+FAITHFULNESS_DIRECTION: dict[str, str] = {
+    "road_morf": "lower is more faithful (removing the most relevant pixels should hurt)",
+    "road_lerf": "higher is more faithful (removing the least relevant pixels should not hurt)",
+    "road_combined": "higher is more faithful ((lerf - morf) / 2)",
+    "cam_mult": "higher is more faithful (keeping only the map should keep the confidence)",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None -> CUDA when available else CPU; otherwise torch.device(device)."""
+    if device is None or (isinstance(device, str) and device in ("", "auto")):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; valid choices: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} but no CUDA GPU is available; valid choices here: auto, cpu")
+    return dev
+
+
+def check_cam_methods(methods: str | Iterable[str] | None) -> list[str]:
+    """Parse 'a,b' or a list of CAM method names; raise ConfigError listing the valid names."""
+    if methods is None:
+        return list(DEFAULT_CAM_METHODS)
+    if isinstance(methods, str):
+        methods = [m for m in (p.strip() for p in methods.split(",")) if m]
+        if methods == ["all"]:
+            return list(CAM_METHODS)
+    out: list[str] = []
+    for m in methods:
+        check_choice("CAM method", str(m).strip().lower(), CAM_METHODS)
+        if str(m).strip().lower() not in out:
+            out.append(str(m).strip().lower())
+    return out
+
+
+def check_target(target: str) -> str:
+    """Return `target` if it is 'label' or 'prediction', else raise ConfigError."""
+    return check_choice("CAM target", target, TARGET_MODES)
+
+
+def tapped_layers(model: nn.Module, layers: str | int | Iterable[str | int] | None = None) -> list[str]:
+    """Tapped layers to analyse: None/'all' -> every tap, else specs as fer_lib.models.resolve_layers takes.
+
+    Specs are stage numbers (paper convention), negative indices, 'last' or module names;
+    each must be one of the model's taps (ConfigError listing them otherwise).
+    """
+    names = list(model.tap_names)
+    if layers is None or (isinstance(layers, str) and layers.strip() in ("", "all")):
+        return names
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    elif isinstance(layers, int):
+        layers = [layers]
+    layers = list(layers)
+    backbone = (getattr(model, "config", None) or {}).get("backbone")
+    try:
+        import timm
+
+        known = isinstance(backbone, str) and timm.is_model(backbone)
+    except ImportError:  # pragma: no cover
+        known = False
+    out: list[str] = []
+    for spec in layers:
+        if isinstance(spec, str) and spec in names:
+            name = spec
+        elif known:
+            name = _resolve_model_layers(backbone, [spec])[0]
+        else:
+            name = _resolve_model_layers(names, [spec])[0]
+        if name not in names:
+            raise ConfigError(f"layer {spec!r} ({name}) is not tapped by this model; tapped layers: "
+                              f"{', '.join(names)} (rebuild the model with layers=... to tap more)")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+class LogitsOnly(nn.Module):
+    """Wrap a TappedModel so that forward returns logits only (what pytorch-grad-cam expects)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(x)
+
+
+def cam_target_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
+    """The module whose activations a grad-cam method weighs: the tapped layer (default: last).
+
+    For a transformer block (timm `Block`, with `norm1` and `attn`) this is the block's
+    `norm1`, as pytorch-grad-cam recommends for ViTs: with class-token pooling the last
+    block's output patch tokens get no gradient, its input tokens do.
+    """
+    name = tapped_layers(model, layer if layer is not None else "last")[0]
+    module = model.tap_modules()[list(model.tap_names).index(name)]
+    if hasattr(module, "norm1") and hasattr(module, "attn"):
+        return module.norm1
+    return module
+
+
+def minmax_scale(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale each map of (B, ...) to [0, 1] (constant maps become zeros)."""
+    flat = maps.flatten(1)
+    lo = flat.amin(dim=1).view(-1, *([1] * (maps.dim() - 1)))
+    hi = flat.amax(dim=1).view(-1, *([1] * (maps.dim() - 1)))
+    return ((maps - lo) / (hi - lo + eps)).clamp_(0.0, 1.0)
+
+
+def _as_b1hw(maps: torch.Tensor, name: str) -> torch.Tensor:
+    maps = torch.as_tensor(maps)
+    if maps.dim() == 3:
+        maps = maps[:, None]
+    if maps.dim() != 4 or maps.shape[1] != 1:
+        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W) maps; got shape {tuple(maps.shape)}")
+    return maps.float()
+
+
+def _resize_to(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if pred.shape[-2:] != target.shape[-2:]:
+        pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return pred
+
+
+def upsample_maps(maps: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """Bilinearly resize (B, 1, h, w) maps to `size` (int or (H, W))."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(_as_b1hw(maps, "maps"), size=size, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- metrics
+def map_pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation per sample between flattened maps (pred bilinearly resized to target); NaN if constant."""
+    pred, target = _as_b1hw(pred, "pred"), _as_b1hw(target, "target")
+    p = _resize_to(pred, target).flatten(1).double()
+    t = target.flatten(1).double().to(p.device)
+    p = p - p.mean(dim=1, keepdim=True)
+    t = t - t.mean(dim=1, keepdim=True)
+    denom = p.norm(dim=1) * t.norm(dim=1)
+    r = (p * t).sum(dim=1) / denom
+    r[denom <= 1e-12] = float("nan")
+    return r.float()
+
+
+def region_fraction(target: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Share of pixels inside the AU regions (target > threshold): the energy ratio of a uniform map."""
+    return (_as_b1hw(target, "target") > threshold).flatten(1).float().mean(dim=1)
+
+
+def energy_ratio(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Share of the map's mass inside the AU regions (target > threshold); negative values count as 0; NaN for empty maps."""
+    pred, target = _as_b1hw(pred, "pred"), _as_b1hw(target, "target")
+    p = _resize_to(pred, target).clamp_min(0).flatten(1).double()
+    inside = (target > threshold).flatten(1).to(p.device)
+    total = p.sum(dim=1)
+    ratio = (p * inside).sum(dim=1) / total
+    ratio[total <= 1e-12] = float("nan")
+    return ratio.float()
+
+
+def map_scores(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.1,
+               pred_scaled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Cosine (on `pred`), Pearson and energy ratio (on `pred_scaled`, default `pred`) vs the AU maps."""
+    scaled = pred if pred_scaled is None else pred_scaled
+    return {
+        "cosine": map_cosine(_as_b1hw(pred, "pred"), _as_b1hw(target, "target"), at="image").detach().float().cpu(),
+        "pearson": map_pearson(scaled, target).cpu(),
+        "energy_ratio": energy_ratio(scaled, target, threshold).cpu(),
+    }
+
+
+def valid_au_mask(au_maps: torch.Tensor, has_landmarks: torch.Tensor) -> torch.Tensor:
+    """Samples whose AU map is usable: landmarks found and a class with AUs (non-zero map)."""
+    au_maps = _as_b1hw(au_maps, "au_maps")
+    return torch.as_tensor(has_landmarks).bool().view(-1).cpu() & (au_maps.flatten(1).amax(dim=1) > 0).cpu()
+
+
+# ----------------------------------------------------------------------------- maps
+@torch.no_grad()
+def layer_attention_maps(model: nn.Module, images: torch.Tensor, layers: str | Iterable[str] | None = None,
+                         size: int | Sequence[int] | str | None = None, scale: bool = False,
+                         features: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Attention (mean over channels) of tapped layers as {layer: (B, 1, H, W)} at `size` (default: image size).
+
+    `size="layer"` keeps each layer's own resolution; `scale=True` min-max scales each map to [0, 1] for display; `features` reuses the
+    spatial features of an earlier `model(images)` call.
+    """
+    names = tapped_layers(model, layers)
+    if features is None:
+        _, features = model(images)
+    size = images.shape[-2:] if size is None else size
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        att = layer_attention(features[list(model.tap_names).index(name)]).float()
+        att = att if isinstance(size, str) and size == "layer" else upsample_maps(att, size)
+        out[name] = minmax_scale(att) if scale else att
+    return out
+
+
+def class_ids_for(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, target: str = "label",
+                  logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The class each CAM explains: the true label or the model's prediction."""
+    check_target(target)
+    if target == "label":
+        if labels is None:
+            raise ConfigError("target='label' needs labels; pass labels or use target='prediction'")
+        return torch.as_tensor(labels).view(-1).long().cpu()
+    if logits is None:
+        with torch.no_grad():
+            logits = model.classify(images)
+    return logits.argmax(dim=1).cpu()
+
+
+@contextlib.contextmanager
+def _quiet_score_cam() -> Iterator[None]:
+    """Silence ScoreCAM's per-image inner progress bar (our own bar runs over the data)."""
+    import pytorch_grad_cam.score_cam as score_cam_module
+    import tqdm as tqdm_module
+
+    quiet = type("QuietTqdm", (), {"tqdm": staticmethod(functools.partial(tqdm_module.tqdm, disable=True))})
+    original = score_cam_module.tqdm
+    score_cam_module.tqdm = quiet
+    try:
+        yield
+    finally:
+        score_cam_module.tqdm = original
+
+
+def own_cam(model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own CAM (classifier weights x last features), (B, H, W) in [0, 1].
+
+    Defined only where logits = Linear(global-average-pool(features)): checked on the batch,
+    with a ConfigError naming the backbone otherwise (use a grad-cam method there).
+    """
+    net = getattr(model, "net", model)
+    backbone = getattr(model, "config", {}).get("backbone", type(net).__name__)
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or not hasattr(net, "forward_features"):
+        raise ConfigError(f"the model's own CAM needs a CNN whose head is global average pooling + one "
+                          f"Linear layer; {backbone!r} has head {type(head).__name__}. Use a grad-cam method "
+                          f"({', '.join(GRAD_CAM_METHODS)})")
+    with torch.no_grad():
+        feats = net.forward_features(images)
+        if feats.dim() != 4 or feats.shape[1] != head.in_features:
+            raise ConfigError(f"the model's own CAM needs NCHW features with {head.in_features} channels before a "
+                              f"GAP + Linear head; {backbone!r} gives shape {tuple(feats.shape)} (a transformer?). "
+                              f"Use a grad-cam method ({', '.join(GRAD_CAM_METHODS)})")
+        logits = model.classify(images)
+        from_gap = head(feats.mean(dim=(2, 3)))
+        tol = 1e-3 * (1.0 + float(logits.abs().max()))
+        if from_gap.shape != logits.shape or not torch.allclose(from_gap, logits, atol=tol, rtol=1e-3):
+            raise ConfigError(f"the model's own CAM needs logits = Linear(GAP(features)); {backbone!r} has more "
+                              f"between its features and its logits. Use a grad-cam method "
+                              f"({', '.join(GRAD_CAM_METHODS)})")
+        weights = head.weight[class_ids.to(head.weight.device)]  # (B, C)
+        cam = torch.einsum("bc,bchw->bhw", weights, feats).clamp_min(0)[:, None]
+        cam = upsample_maps(cam, images.shape[-2:])
+        return minmax_scale(cam)[:, 0].float().cpu()
+
+
+def compute_cams(model: nn.Module, images: torch.Tensor, method: str, class_ids: torch.Tensor,
+                 layer: str | None = None, score_cam_batch_size: int = 32) -> torch.Tensor:
+    """CAMs of `method` for `class_ids` as (B, H, W) float32 in [0, 1] on the CPU.
+
+    Grad-cam methods weigh the tapped `layer` (default: the last; see `cam_target_layer`)
+    with the model's `to_spatial` as reshape transform; runs on the model's device.
+    """
+    method = check_cam_methods([method])[0]
+    class_ids = torch.as_tensor(class_ids).view(-1).long()
+    if class_ids.numel() != images.shape[0]:
+        raise ValueError(f"{class_ids.numel()} class ids for {images.shape[0]} images")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if method == OWN_CAM:
+        return own_cam(model, images, class_ids)
+    cam = GRAD_CAM_METHODS[method](model=LogitsOnly(model), target_layers=[cam_target_layer(model, layer)],
+                                   reshape_transform=model.to_spatial)
+    if method == "scorecam":
+        cam.batch_size = int(score_cam_batch_size)
+    targets = [ClassifierOutputTarget(int(c)) for c in class_ids]
+    try:
+        # the input requires grad so gradients reach the target layer even when weights are frozen
+        x = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), _quiet_score_cam():
+            maps = cam(input_tensor=x, targets=targets)
+    finally:
+        cam.activations_and_grads.release()
+    maps = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    return torch.nan_to_num(maps, nan=0.0).clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- dataset evaluation
+@dataclass
+class InterpretabilityResult:
+    """Per-sample scores (tidy: one row per sample and map), predictions, and a summary."""
+
+    scores: Any  # pandas.DataFrame
+    predictions: Any  # pandas.DataFrame
+    summary: dict[str, Any]
+
+    def save(self, out_dir: str | Path, prefix: str = "") -> dict[str, Path]:
+        """Write scores.csv, predictions.csv and summary.json (stamped with run_info) atomically."""
+        out_dir = Path(out_dir)
+        paths = {"scores": out_dir / f"{prefix}scores.csv", "predictions": out_dir / f"{prefix}predictions.csv",
+                 "summary": out_dir / f"{prefix}summary.json"}
+        atomic_write_csv(paths["scores"], self.scores)
+        atomic_write_csv(paths["predictions"], self.predictions)
+        atomic_write_json(paths["summary"], {"run": run_info(self.summary.get("config")), **self.summary})
+        return paths
+
+
+def _nanmean(values: Any) -> float:
+    arr = np.asarray(values, dtype=float)
+    return float(np.nanmean(arr)) if arr.size and np.isfinite(arr).any() else float("nan")
+
+
+def _class_names(model: nn.Module, loader: Any, class_names: Sequence[str] | None) -> list[str]:
+    if class_names is not None:
+        return list(class_names)
+    ds = getattr(loader, "dataset", None)
+    for obj in (ds, getattr(ds, "dataset", None)):
+        if obj is not None and getattr(obj, "class_names", None):
+            return list(obj.class_names)
+    names = getattr(model, "config", {}).get("class_names")
+    if names:
+        return list(names)
+    from .au import EXPRESSIONS
+
+    return list(EXPRESSIONS)
+
+
+def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def evaluate_interpretability(model: nn.Module, loader: Iterable, cam_methods: str | Iterable[str] | None = None,
+                              layers: str | Iterable[str] | None = None, target: str = "label",
+                              threshold: float = 0.1, device: str | torch.device | None = None,
+                              cam_layer: str | None = None, score_cam_batch_size: int = 32,
+                              class_names: Sequence[str] | None = None, max_samples: int | None = None,
+                              progress: bool = True, config: Mapping[str, Any] | None = None
+                              ) -> InterpretabilityResult:
+    """ATT-COS per layer, CAM-COS per method (+ Pearson, energy ratio) vs AU maps, and accuracy.
+
+    `loader` yields contract-1 batches (image, label, au_map, has_landmarks). Map scores are
+    computed over valid samples only (landmarks and a class with AUs); CAMs are computed
+    only for those. Accuracy (CL) and macro-F1 are over all samples.
+    """
+    import pandas as pd
+
+    methods = check_cam_methods(cam_methods)
+    check_target(target)
+    names = tapped_layers(model, layers)
+    if not 0.0 <= threshold < 1.0:
+        raise ConfigError(f"threshold must be in [0, 1); got {threshold}")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    classes = _class_names(model, loader, class_names)
+    rows: list[dict[str, Any]] = []
+    preds_rows: list[dict[str, Any]] = []
+    seen = 0
+    total = None
+    if max_samples is None and hasattr(loader, "__len__"):
+        total = len(loader)
+    for batch in _tqdm(loader, progress, "interpret", total):
+        if max_samples is not None and seen >= max_samples:
+            break
+        try:
+            images, labels, au_maps, has_lm = batch[:4]
+        except (TypeError, ValueError) as exc:
+            raise ValueError("loader must yield (image, label, au_map, has_landmarks) batches (contract 1)") from exc
+        if max_samples is not None:
+            keep = max_samples - seen
+            images, labels, au_maps, has_lm = images[:keep], labels[:keep], au_maps[:keep], has_lm[:keep]
+        b = images.shape[0]
+        images = images.to(dev)
+        labels = torch.as_tensor(labels).view(-1).long()
+        au_maps = _as_b1hw(au_maps, "au_map").to(dev)
+        valid = valid_au_mask(au_maps, has_lm)
+        with torch.no_grad():
+            logits, feats = model(images)
+        probs = logits.float().softmax(dim=1).cpu()
+        preds = probs.argmax(dim=1)
+        class_ids = class_ids_for(model, images, labels, target, logits=logits)
+        for i in range(b):
+            preds_rows.append({"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
+                               "pred": int(preds[i]), "pred_name": classes[int(preds[i])],
+                               "correct": bool(preds[i] == labels[i]), "confidence": float(probs[i, preds[i]]),
+                               "has_landmarks": bool(torch.as_tensor(has_lm).view(-1)[i]), "valid": bool(valid[i])})
+        vidx = torch.nonzero(valid).view(-1)
+        if len(vidx):
+            vdev = vidx.to(dev)
+            target_maps = au_maps[vdev]
+            area = region_fraction(target_maps, threshold).cpu()
+            per_map: list[tuple[str, str, dict[str, torch.Tensor]]] = []
+            raw = layer_attention_maps(model, images, names, size="layer", features=feats)
+            for name in names:
+                att = raw[name][vdev]
+                per_map.append(("attention", name, map_scores(
+                    att, target_maps, threshold, pred_scaled=minmax_scale(upsample_maps(att, images.shape[-2:])))))
+            for method in methods:
+                cams = compute_cams(model, images[vdev], method, class_ids[vidx], layer=cam_layer,
+                                    score_cam_batch_size=score_cam_batch_size)
+                per_map.append(("cam", method, map_scores(cams[:, None].to(dev), target_maps, threshold)))
+            for j, i in enumerate(vidx.tolist()):
+                base = {"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
+                        "pred": int(preds[i]), "correct": bool(preds[i] == labels[i]),
+                        "cam_class": int(class_ids[i]), "au_area": float(area[j])}
+                for kind, name, scores in per_map:
+                    rows.append({**base, "kind": kind, "name": name,
+                                 **{k: float(v[j]) for k, v in scores.items()}})
+        seen += b
+    if not preds_rows:
+        raise ValueError("the loader yielded no samples")
+    predictions = pd.DataFrame(preds_rows)
+    columns = ["sample", "label", "label_name", "pred", "correct", "cam_class", "au_area", "kind", "name",
+               "cosine", "pearson", "energy_ratio"]
+    scores = pd.DataFrame(rows, columns=columns)
+    cls = classification_metrics(predictions["label"].to_numpy(), predictions["pred"].to_numpy(), classes)
+    summary: dict[str, Any] = {
+        "n": int(len(predictions)), "n_valid": int(predictions["valid"].sum()),
+        "accuracy": float(cls["accuracy"]), "macro_f1": float(cls["macro_f1"]),
+        "per_class_accuracy": cls.get("per_class_accuracy"), "confusion": cls.get("confusion"),
+        "accuracy_valid": float(predictions.loc[predictions["valid"], "correct"].mean())
+        if predictions["valid"].any() else float("nan"),
+        "target": target, "threshold": threshold, "layers": names, "cam_methods": methods,
+        "au_area": _nanmean(scores.drop_duplicates("sample")["au_area"]) if len(scores) else float("nan"),
+        "att_cos": {}, "cam_cos": {}, "pearson": {}, "energy_ratio": {},
+    }
+    for kind, key in (("attention", "att_cos"), ("cam", "cam_cos")):
+        for name in (names if kind == "attention" else methods):
+            sel = scores[(scores["kind"] == kind) & (scores["name"] == name)]
+            summary[key][name] = _nanmean(sel["cosine"])
+            summary["pearson"][f"{kind}:{name}"] = _nanmean(sel["pearson"])
+            summary["energy_ratio"][f"{kind}:{name}"] = _nanmean(sel["energy_ratio"])
+    summary["att_cos_mean"] = _nanmean(list(summary["att_cos"].values()))
+    if config is not None:
+        summary["config"] = dict(config)
+    return InterpretabilityResult(scores=scores, predictions=predictions, summary=summary)
+
+
+def subset_indices(n: int, max_samples: int | None, seed: int = 0) -> list[int]:
+    """A seeded random subset of range(n) of size max_samples (sorted), or all of it."""
+    if max_samples is None or max_samples >= n:
+        return list(range(n))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n, size=int(max_samples), replace=False).tolist())
+
+
+def make_loader(dataset: Any, indices: Sequence[int] | None = None, batch_size: int = 16,
+                num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """An ordered DataLoader over `dataset` (optionally a subset of `indices`)."""
+    ds = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def evaluate_checkpoint(checkpoint: str | Path | nn.Module, dataset: Any, cam_methods: str | Iterable[str] | None = None,
+                        layers: str | Iterable[str] | None = None, target: str = "label", threshold: float = 0.1,
+                        max_samples: int | None = None, batch_size: int = 16, seed: int = 0,
+                        device: str | torch.device | None = None, score_cam_batch_size: int = 32,
+                        progress: bool = True) -> InterpretabilityResult:
+    """Load a checkpoint (fer_lib.models.load_checkpoint) and run `evaluate_interpretability` on `dataset`.
+
+    `max_samples` draws a seeded random subset; the scores' `sample` column is the dataset index.
+    """
+    check_cam_methods(cam_methods)  # bad options fail here, before the checkpoint and data are loaded
+    check_target(target)
+    resolve_device(device)
+    if isinstance(checkpoint, nn.Module):
+        model, ckpt_path = checkpoint, None
+    else:
+        ckpt_path = Path(checkpoint)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+        model, _ = load_checkpoint(ckpt_path, map_location="cpu")
+    indices = subset_indices(len(dataset), max_samples, seed)
+    loader = make_loader(dataset, indices, batch_size=batch_size)
+    config = {"checkpoint": str(ckpt_path) if ckpt_path else None, "target": target, "threshold": threshold,
+              "max_samples": max_samples, "seed": seed, "model": getattr(model, "config", None)}
+    result = evaluate_interpretability(model, loader, cam_methods, layers, target, threshold, device,
+                                       score_cam_batch_size=score_cam_batch_size, progress=progress, config=config,
+                                       class_names=getattr(dataset, "class_names", None))
+    for frame in (result.scores, result.predictions):
+        frame["sample"] = [indices[i] for i in frame["sample"]]
+    return result
+
+
+def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = "test", dataset: str | None = None,
+                       data_root: str | None = None, landmarks: str | None = None, image_size: int | None = None,
+                       seed: int | None = None, **dataset_kwargs: Any) -> Any:
+    """The unaugmented `split` of the dataset a checkpoint was trained on (its saved TrainConfig).
+
+    Any argument given overrides the checkpoint's value (e.g. another `dataset`, in which
+    case the checkpoint's dataset options are not reused).
+    """
+    from .data import build_datasets
+
+    ckpt = checkpoint if isinstance(checkpoint, Mapping) else torch.load(Path(checkpoint), map_location="cpu",
+                                                                         weights_only=False)
+    cfg = dict(ckpt.get("config") or {})
+    model_cfg = dict(ckpt.get("model_config") or {})
+    name = dataset or cfg.get("dataset")
+    if not name:
+        raise ConfigError("the checkpoint records no training dataset; pass dataset=... (e.g. 'synthetic')")
+    same = name == cfg.get("dataset")
+    kwargs = {**((cfg.get("dataset_kwargs") or {}) if same else {}), **dataset_kwargs}
+    kwargs.setdefault("splits", [split])
+    out = build_datasets(name, root=data_root or (cfg.get("data_root") if same else None),
+                         image_size=int(image_size or model_cfg.get("image_size") or cfg.get("image_size") or 112),
+                         seed=int(cfg.get("seed", 0) if seed is None else seed),
+                         landmarks=landmarks or cfg.get("landmarks") or "detect",
+                         cache_dir=cfg.get("cache_dir"), augment=False, **kwargs)
+    if split not in out:
+        raise ConfigError(f"dataset {name!r} has no {split!r} split; it has: {', '.join(out)}")
+    return out[split]
+
+
+def headline_cam_method(methods: Sequence[str]) -> str:
+    """The CAM the paper reports (the model's own CAM) when computed, else the first method."""
+    if not methods:
+        raise ConfigError("no CAM method computed")
+    return OWN_CAM if OWN_CAM in methods else list(methods)[0]
+
+
+def comparison_table(results: Mapping[str, InterpretabilityResult]) -> Any:
+    """Table-1 style: one row per model: CL (accuracy %), ATT-COS (mean over layers), CAM-COS per method."""
+    import pandas as pd
+
+    rows = []
+    for model_name, res in results.items():
+        s = res.summary
+        row: dict[str, Any] = {"model": model_name, "CL": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"],
+                               "ATT-COS": s["att_cos_mean"]}
+        if s["cam_methods"]:
+            row["CAM-COS"] = s["cam_cos"][headline_cam_method(s["cam_methods"])]
+        row.update({f"ATT-COS {k}": v for k, v in s["att_cos"].items()} if len(s["att_cos"]) > 1 else {})
+        row.update({f"CAM-COS {k}": v for k, v in s["cam_cos"].items()})
+        row.update({"n": s["n"], "n_valid": s["n_valid"]})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def method_table(results: Mapping[str, InterpretabilityResult], metric: str = "cosine") -> Any:
+    """Table-2 style: one row per map (CAM method / attention layer), one column per model, plus the change.
+
+    With exactly two models the last column is second minus first (e.g. AU-guided minus baseline).
+    """
+    import pandas as pd
+
+    check_choice("metric", metric, ("cosine", "pearson", "energy_ratio"))
+    cols = {}
+    for model_name, res in results.items():
+        sc = res.scores
+        cols[model_name] = sc.groupby(["kind", "name"], sort=False)[metric].mean()
+    table = pd.DataFrame(cols)
+    if len(cols) == 2:
+        first, second = list(cols)
+        table["change"] = table[second] - table[first]
+    return table
+
+
+def combined_scores(results: Mapping[str, InterpretabilityResult]) -> Any:
+    """All models' tidy scores in one frame with a `model` column (for seaborn)."""
+    import pandas as pd
+
+    return pd.concat([r.scores.assign(model=name) for name, r in results.items()], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- faithfulness
+def random_smooth_maps(n: int, size: int | Sequence[int], seed: int = 0, grid: int = 7) -> torch.Tensor:
+    """Seeded smooth random maps (B, H, W) in [0, 1]: a control explanation unrelated to the model."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((n, 1, grid, grid), generator=gen)
+    return minmax_scale(upsample_maps(coarse, size))[:, 0]
+
+
+def _break_ties(maps: np.ndarray, rng: np.random.Generator, scale: float = 1e-5) -> np.ndarray:
+    # ROAD thresholds at a percentile; a map with many equal values (zeros) would otherwise
+    # remove all or none of them. A tiny seeded jitter gives a strict order, the same for all maps.
+    return (maps + scale * rng.random(maps.shape)).astype(np.float32)
+
+
+def faithfulness_scores(model: nn.Module, loader: Iterable, cam_methods: str | Iterable[str] | None = None,
+                        metrics: Iterable[str] = ("road_morf", "road_lerf", "road_combined"),
+                        controls: Iterable[str] = CONTROL_MAPS, percentiles: Sequence[int] = (20, 50, 80),
+                        target: str = "label", score: str = "probability", max_samples: int | None = 32,
+                        seed: int = 0, device: str | torch.device | None = None, cam_layer: str | None = None,
+                        score_cam_batch_size: int = 32, progress: bool = True) -> Any:
+    """Faithfulness of each CAM method and control map, tidy DataFrame (sample, method, metric, score).
+
+    ROAD (Rong et al. 2022, pytorch-grad-cam): change of the CAM class's `score` ("probability":
+    softmax, default; "logit": the raw logit) after imputing the most (morf) / least (lerf)
+    relevant pixels, averaged over `percentiles`; road_combined = (lerf - morf) / 2; cam_mult: change after multiplying the
+    image by the map. Valid samples only (the "au_prior" control needs the AU map).
+    See FAITHFULNESS_DIRECTION for how to read each.
+    """
+    import pandas as pd
+
+    methods = check_cam_methods(cam_methods)
+    metrics = [check_choice("faithfulness metric", m, FAITHFULNESS_METRICS) for m in metrics]
+    controls = [check_choice("control map", c, CONTROL_MAPS) for c in controls]
+    check_target(target)
+    check_choice("faithfulness score", score, FAITHFULNESS_SCORES)
+    target_cls = ClassifierOutputSoftmaxTarget if score == "probability" else ClassifierOutputTarget
+    pct = [int(p) for p in percentiles]
+    if not pct or any(not 0 < p < 100 for p in pct):
+        raise ConfigError(f"percentiles must be integers in (0, 100); got {list(percentiles)}")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    wrapped = LogitsOnly(model).eval()
+    rng = np.random.default_rng(seed)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # ROAD's imputer adds torch noise
+    need_morf = any(m in ("road_morf", "road_combined") for m in metrics)
+    need_lerf = any(m in ("road_lerf", "road_combined") for m in metrics)
+    morf = ROADMostRelevantFirstAverage(pct) if need_morf else None
+    lerf = ROADLeastRelevantFirstAverage(pct) if need_lerf else None
+    mult = CamMultImageConfidenceChange() if "cam_mult" in metrics else None
+    rows: list[dict[str, Any]] = []
+    seen = 0
+    done = 0
+    try:
+        for batch in _tqdm(loader, progress, "faithfulness"):
+            if max_samples is not None and done >= max_samples:
+                break
+            images, labels, au_maps, has_lm = batch[:4]
+            labels = torch.as_tensor(labels).view(-1).long()
+            au_maps = _as_b1hw(au_maps, "au_map")
+            vidx = torch.nonzero(valid_au_mask(au_maps, has_lm)).view(-1)
+            if max_samples is not None:
+                vidx = vidx[: max_samples - done]
+            if len(vidx):
+                x = images[vidx].to(dev)
+                class_ids = class_ids_for(model, x, labels[vidx], target)
+                targets = [target_cls(int(c)) for c in class_ids]
+                maps: dict[str, np.ndarray] = {}
+                for method in methods:
+                    maps[method] = compute_cams(model, x, method, class_ids, layer=cam_layer,
+                                                score_cam_batch_size=score_cam_batch_size).numpy()
+                if "au_prior" in controls:
+                    maps["au_prior"] = upsample_maps(au_maps[vidx], x.shape[-2:])[:, 0].numpy()
+                if "random" in controls:
+                    maps["random"] = random_smooth_maps(len(vidx), x.shape[-2:], seed=seed + seen).numpy()
+                for name, m in maps.items():
+                    m = _break_ties(m, rng)
+                    with torch.no_grad():
+                        found: dict[str, np.ndarray] = {}
+                        if morf is not None:
+                            found["road_morf"] = morf(x, m, targets, wrapped)
+                        if lerf is not None:
+                            found["road_lerf"] = lerf(x, m, targets, wrapped)
+                        if "road_combined" in metrics:
+                            found["road_combined"] = (found["road_lerf"] - found["road_morf"]) / 2
+                        if mult is not None:
+                            found["cam_mult"] = mult(x, m, targets, wrapped)
+                    for metric in metrics:
+                        for j, i in enumerate(vidx.tolist()):
+                            rows.append({"sample": seen + i, "label": int(labels[i]), "cam_class": int(class_ids[j]),
+                                         "method": name, "kind": "control" if name in CONTROL_MAPS else "cam",
+                                         "metric": metric, "score": float(np.asarray(found[metric]).reshape(-1)[j])})
+                done += len(vidx)
+            seen += images.shape[0]
+    finally:
+        torch.set_rng_state(torch_state)
+    return pd.DataFrame(rows, columns=["sample", "label", "cam_class", "method", "kind", "metric", "score"])
+
+
+def faithfulness_table(scores: Any) -> Any:
+    """Mean score per method (rows) and metric (columns) from `faithfulness_scores`."""
+    if len(scores) == 0:
+        return scores
+    return scores.pivot_table(index="method", columns="metric", values="score", aggfunc="mean")
+
+
+# ----------------------------------------------------------------------------- figures
+@dataclass
+class SampleMaps:
+    """Images and their maps for a few chosen samples, ready to plot (all numpy, [0, 1])."""
+
+    indices: list[int]
+    images: np.ndarray  # (N, H, W, 3)
+    labels: np.ndarray
+    preds: np.ndarray
+    cam_classes: np.ndarray
+    au_maps: np.ndarray  # (N, H, W)
+    valid: np.ndarray
+    attention: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (N, H, W)
+    cams: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (N, H, W)
+    class_names: list[str] = field(default_factory=list)
+
+    def map(self, name: str) -> np.ndarray:
+        """The maps called `name`: 'au', an attention layer or a CAM method."""
+        if name == "au":
+            return self.au_maps
+        if name in self.cams:
+            return self.cams[name]
+        if name in self.attention:
+            return self.attention[name]
+        raise ConfigError(f"unknown map {name!r}; valid: {', '.join(['au', *self.attention, *self.cams])}")
+
+
+def denormalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(B, 3, H, W) normalised tensors -> (B, H, W, 3) float images in [0, 1]."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    out = (images.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
+    if out.shape[1] == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """Labels of every item, from `.records` when present (no image loading), else by indexing."""
+    records = getattr(dataset, "records", None)
+    if records is not None and len(records) == len(dataset):
+        labels = []
+        for r in records:
+            lab = r.get("label") if isinstance(r, Mapping) else getattr(r, "label", None)
+            if lab is None:
+                break
+            labels.append(int(lab))
+        else:
+            return np.asarray(labels, dtype=int)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=int)
+
+
+def select_per_class(dataset: Any, per_class: int = 3, seed: int = 0, classes: Iterable[int] | None = None) -> list[int]:
+    """Seeded choice of up to `per_class` dataset indices for each class (class order kept)."""
+    labels = dataset_labels(dataset)
+    rng = np.random.default_rng(seed)
+    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
+    out: list[int] = []
+    for c in wanted:
+        idx = np.flatnonzero(labels == c)
+        if len(idx):
+            out.extend(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()))
+    return out
+
+
+def collect_sample_maps(model: nn.Module, dataset: Any, indices: Sequence[int],
+                        cam_methods: str | Iterable[str] | None = None, layers: str | Iterable[str] | None = None,
+                        target: str = "label", device: str | torch.device | None = None,
+                        cam_layer: str | None = None, score_cam_batch_size: int = 32, batch_size: int = 16,
+                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> SampleMaps:
+    """Compute images, AU maps, attention and CAMs (all at image size, [0, 1]) for `indices` of `dataset`."""
+    methods = check_cam_methods(cam_methods)
+    names = tapped_layers(model, layers)
+    check_target(target)
+    if not indices:
+        raise ValueError("no samples to collect: `indices` is empty")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    cfg = getattr(model, "config", {}) or {}
+    mean = mean if mean is not None else getattr(dataset, "mean", None) or cfg.get("mean") or (0.5, 0.5, 0.5)
+    std = std if std is not None else getattr(dataset, "std", None) or cfg.get("std") or (0.5, 0.5, 0.5)
+    parts: dict[str, list] = {k: [] for k in ("images", "labels", "preds", "cls", "au", "valid")}
+    att: dict[str, list] = {n: [] for n in names}
+    cams: dict[str, list] = {m: [] for m in methods}
+    for batch in make_loader(dataset, indices, batch_size=batch_size):
+        images, labels, au_maps, has_lm = batch[:4]
+        x = images.to(dev)
+        with torch.no_grad():
+            logits, feats = model(x)
+        class_ids = class_ids_for(model, x, labels, target, logits=logits)
+        parts["images"].append(denormalise(images, mean, std))
+        parts["labels"].append(torch.as_tensor(labels).view(-1).numpy())
+        parts["preds"].append(logits.argmax(1).cpu().numpy())
+        parts["cls"].append(class_ids.numpy())
+        parts["au"].append(upsample_maps(au_maps, x.shape[-2:])[:, 0].numpy())
+        parts["valid"].append(valid_au_mask(au_maps, has_lm).numpy())
+        for name, m in layer_attention_maps(model, x, names, scale=True, features=feats).items():
+            att[name].append(m[:, 0].cpu().numpy())
+        for method in methods:
+            cams[method].append(compute_cams(model, x, method, class_ids, layer=cam_layer,
+                                             score_cam_batch_size=score_cam_batch_size).numpy())
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return SampleMaps(indices=list(indices), images=cat["images"], labels=cat["labels"], preds=cat["preds"],
+                      cam_classes=cat["cls"], au_maps=cat["au"], valid=cat["valid"],
+                      attention={k: np.concatenate(v) for k, v in att.items()},
+                      cams={k: np.concatenate(v) for k, v in cams.items()},
+                      class_names=_class_names(model, None, getattr(dataset, "class_names", None)))
+
+
+def _overlay(ax: Any, image: np.ndarray, heat: np.ndarray | None, alpha: float, cmap: str) -> None:
+    ax.imshow(image)
+    if heat is not None:
+        ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def overlay_figure(maps: SampleMaps, samples: Sequence[int] | None = None, columns: Sequence[str] | None = None,
+                   path: str | Path | None = None, alpha: float = 0.5, cmap: str = "jet",
+                   cell: float = 1.6) -> Any:
+    """Rows = samples, columns = image, AU map, attention per layer, CAM per method, as overlays."""
+    import matplotlib.pyplot as plt
+
+    rows = list(range(len(maps.indices))) if samples is None else list(samples)
+    if not rows:
+        raise ValueError("no samples to plot")
+    cols = ["image", "au", *[f"att:{k}" for k in maps.attention], *maps.cams] if columns is None else list(columns)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(cell * len(cols), cell * len(rows)), squeeze=False)
+    names = maps.class_names
+    for r, i in enumerate(rows):
+        for c, col in enumerate(cols):
+            ax = axes[r, c]
+            heat = None if col == "image" else maps.map(col[4:] if col.startswith("att:") else col)[i]
+            _overlay(ax, maps.images[i], heat, alpha, cmap)
+            if r == 0:
+                ax.set_title(col, fontsize=8)
+        label = names[maps.labels[i]] if names else str(maps.labels[i])
+        pred = names[maps.preds[i]] if names else str(maps.preds[i])
+        axes[r, 0].set_ylabel(f"#{maps.indices[i]}\n{label}\n(pred {pred})", fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def class_grid_figure(maps: SampleMaps, map_name: str = "au", per_class: int = 4, path: str | Path | None = None,
+                      alpha: float = 0.5, cmap: str = "jet", cell: float = 1.4) -> Any:
+    """Rows = classes, columns = up to `per_class` samples of that class, each overlaid with `map_name`."""
+    import matplotlib.pyplot as plt
+
+    maps.map(map_name)  # validate the name early
+    classes = sorted(set(maps.labels.tolist()))
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(cell * per_class, cell * len(classes)),
+                             squeeze=False)
+    for r, c in enumerate(classes):
+        idx = np.flatnonzero(maps.labels == c)[:per_class]
+        for k in range(per_class):
+            ax = axes[r, k]
+            if k < len(idx):
+                i = idx[k]
+                _overlay(ax, maps.images[i], maps.map(map_name)[i], alpha, cmap)
+                mark = "" if maps.preds[i] == c else " x"
+                ax.set_title(f"#{maps.indices[i]}{mark}", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(maps.class_names[c] if maps.class_names else str(c), fontsize=8)
+    fig.suptitle(f"{map_name} per class", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+__all__ = [
+    "CAM_METHODS", "CONTROL_MAPS", "DEFAULT_CAM_METHODS", "FAITHFULNESS_DIRECTION", "FAITHFULNESS_METRICS", "FAITHFULNESS_SCORES",
+    "GRAD_CAM_METHODS", "OWN_CAM", "TARGET_MODES", "InterpretabilityResult", "LogitsOnly", "SampleMaps",
+    "cam_target_layer", "check_cam_methods", "checkpoint_dataset", "combined_scores",
+    "comparison_table", "headline_cam_method", "method_table", "check_target", "class_grid_figure", "class_ids_for",
+    "collect_sample_maps", "compute_cams", "dataset_labels", "denormalise", "energy_ratio", "evaluate_checkpoint",
+    "evaluate_interpretability", "faithfulness_scores", "faithfulness_table", "layer_attention_maps",
+    "make_loader", "map_cosine", "map_pearson", "map_scores", "minmax_scale", "overlay_figure", "own_cam",
+    "random_smooth_maps", "region_fraction", "resolve_device", "tapped_layers", "save_figure",
+    "select_per_class", "subset_indices", "upsample_maps", "valid_au_mask",
+]
