@@ -1,0 +1,406 @@
+"""Tests of fer_lib.pipeline: papermill sweeps, resumption, failures, placeholders, locking, index."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from fer_lib import pipeline
+from fer_lib.utils import REPO_ROOT, ConfigError
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def make_notebook(path: Path, parameters: str, body: str) -> Path:
+    """Write a tiny parameterised notebook (first code cell tagged `parameters`)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = KERNELSPEC
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell(textwrap.dedent(parameters))
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(textwrap.dedent(body))]
+    nbformat.write(nb, path)
+    return path
+
+
+# A notebook that records what it was given, and fails on request (x == 13).
+WRITE_METRICS = """
+import json, os, pathlib, time
+t_start = time.time()
+out = pathlib.Path(output_dir)
+assert out.is_absolute(), output_dir
+if x == 13:
+    raise ValueError("deliberate failure for x=13")
+(out / "metrics.json").write_text(json.dumps({
+    "x": x, "seed": seed, "square": x * x, "cwd": os.getcwd(),
+    "threads": os.environ.get("OMP_NUM_THREADS"), "upstream": upstream, "t_start": t_start,
+    "t_end": time.time()}))
+"""
+
+
+@pytest.fixture(autouse=True)
+def private_code_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fingerprint a private code folder: fer_lib/ is being edited by others while tests run."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "lib.py").write_text("VALUE = 1\n")
+    monkeypatch.setattr(pipeline, "CODE_DIRS", (code,))
+    return code
+
+
+@pytest.fixture()
+def square_nb(tmp_path: Path) -> Path:
+    return make_notebook(tmp_path / "square.ipynb", "x = 1\nseed = 0\noutput_dir = '.'\nupstream = ''\n",
+                         WRITE_METRICS)
+
+
+def experiment(nb: Path, xs: list[int], name: str = "toy", extra_stages: list[dict] | None = None,
+               jobs: int = 1, warm_up: bool = False) -> pipeline.Experiment:
+    data = {"experiment": {"name": name, "seed": 5, "jobs": jobs},
+            "stage": [{"name": "sq", "notebook": str(nb), "grid": {"x": xs}, "warm_up": warm_up}] + (extra_stages or [])}
+    return pipeline.experiment_from_dict(data)
+
+
+def statuses(results: list[pipeline.RunResult]) -> list[tuple[str, str]]:
+    return sorted((r.run_id, r.status) for r in results)
+
+
+@pytest.mark.slow
+def test_sweep_runs_then_skips_then_reruns_on_change(tmp_path: Path, square_nb: Path, private_code_dir: Path) -> None:
+    exp = experiment(square_nb, [2, 3])
+    results = pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False)
+    assert [r.status for r in results] == ["ok", "ok"]
+    for r in results:
+        run_dir = Path(r.run_dir)
+        assert run_dir.parent == tmp_path / "res" / "toy" / "sq"
+        assert r.run_id.startswith("x=")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["square"] == metrics["x"] ** 2 and metrics["seed"] == 5
+        assert Path(metrics["cwd"]) == square_nb.parent          # notebooks run in their own folder
+        marker = json.loads((run_dir / "run.json").read_text())
+        assert marker["status"] == "ok" and marker["parameters"]["x"] == metrics["x"]
+        assert marker["code_fingerprint"] and "git_revision" in marker
+        executed = nbformat.read(run_dir / "square.ipynb", as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        assert (run_dir / "square.html").exists() and "<html" in (run_dir / "square.html").read_text()[:2000].lower()
+        assert not list(run_dir.glob(".*partial*"))
+    assert sorted(json.loads(p.read_text())["x"] for p in (tmp_path / "res/toy/sq").glob("*/metrics.json")) == [2, 3]
+    summary = pd.read_csv(tmp_path / "res" / "toy" / "summary.csv")
+    assert sorted(summary["status"]) == ["ok", "ok"]
+    assert (tmp_path / "res" / "index.html").exists() and (tmp_path / "res" / "README.md").exists()
+
+    again = pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False)
+    assert [r.status for r in again] == ["skipped", "skipped"]
+    assert json.loads((tmp_path / "res/toy/summary.json").read_text())["counts"]["skipped"] == 2
+
+    # Editing the library changes the code fingerprint: both rerun, unless told to reuse them; a
+    # finished run that is redone starts from an empty folder (no stale files).
+    (private_code_dir / "lib.py").write_text("VALUE = 2\n")
+    stale = Path(results[0].run_dir) / "stale.txt"
+    stale.write_text("from the previous run")
+    assert [r.status for r in pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False,
+                                                      render=False, reuse_stale=True)] == ["skipped", "skipped"]
+    assert [r.status for r in pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False,
+                                                      render=False)] == ["ok", "ok"]
+    assert not stale.exists() and not list((tmp_path / "res/toy/sq").glob(".*"))
+    # So does editing the notebook; --force reruns complete runs.
+    make_notebook(square_nb, "x = 1\nseed = 0\noutput_dir = '.'\nupstream = ''\n", WRITE_METRICS + "\n# edited\n")
+    assert [r.status for r in pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False,
+                                                      render=False)] == ["ok", "ok"]
+    forced = pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False, render=False,
+                                     force=True, only=["sq"])
+    assert [r.status for r in forced] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_failing_config_is_kept_reported_and_does_not_stop_others(tmp_path: Path, square_nb: Path) -> None:
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(textwrap.dedent(f"""
+        [experiment]
+        name = "faulty"
+        [[stage]]
+        name = "sq"
+        notebook = "{square_nb}"
+        grid = {{ x = [13, 4] }}
+    """))
+    proc = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results", str(tmp_path / "res"),
+                           "--jobs", "2"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed" in proc.stdout and "deliberate failure" in proc.stdout
+    stage_dir = tmp_path / "res" / "faulty" / "sq"
+    failed_dir = next(stage_dir.glob("x=13-*"))
+    ok_dir = next(stage_dir.glob("x=4-*"))
+    marker = json.loads((failed_dir / "run.json").read_text())
+    assert marker["status"] == "failed" and marker["error"]["type"] == "ValueError"
+    assert "deliberate failure" in marker["error"]["message"]
+    executed = (failed_dir / "square.ipynb").read_text()
+    assert "Traceback" in executed or "ValueError" in executed and "deliberate failure" in executed
+    assert json.loads((ok_dir / "metrics.json").read_text())["square"] == 16
+    summary = json.loads((tmp_path / "res" / "faulty" / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 1, "blocked": 0}
+    assert "failed" in (tmp_path / "res" / "README.md").read_text()
+    partial = failed_dir / "partial_work.txt"       # a failed run restarts in its folder (training resumes)
+    partial.write_text("checkpoint")
+    # Rerun: the good run is skipped, the failed one is tried again (and fails again). (--reuse-stale
+    # because other people may be editing fer_lib/ while this test runs.)
+    proc2 = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results",
+                            str(tmp_path / "res"), "--no-render", "--reuse-stale"], capture_output=True, text=True, cwd=REPO_ROOT,
+                           timeout=300)
+    assert proc2.returncode == 1
+    rows = {r["run_id"].split("-")[0]: r["status"] for r in
+            json.loads((tmp_path / "res" / "faulty" / "summary.json").read_text())["runs"]}
+    assert rows == {"x=13": "failed", "x=4": "skipped"}
+    assert partial.read_text() == "checkpoint"
+
+
+@pytest.mark.slow
+def test_placeholders_dependencies_threads_and_blocking(tmp_path: Path, square_nb: Path) -> None:
+    agg = make_notebook(tmp_path / "agg.ipynb", "sweep_dir = ''\nbase = ''\noutput_dir = '.'\nseed = 0\n", """
+        import json, pathlib
+        runs = sorted(json.loads(p.read_text())["square"] for p in pathlib.Path(sweep_dir).glob("*/metrics.json"))
+        base_sq = json.loads((pathlib.Path(base) / "metrics.json").read_text())["square"]
+        pathlib.Path(output_dir, "metrics.json").write_text(json.dumps({"squares": runs, "base": base_sq}))
+    """)
+    stages = [{"name": "agg", "notebook": str(agg),
+               "parameters": {"sweep_dir": "{stage:sq}", "base": "{run:sq/x=3}"}},
+              {"name": "after_fail", "notebook": str(square_nb), "parameters": {"x": 2, "upstream": "{run:sq/x=13}"}}]
+    exp = experiment(square_nb, [3, 13, 5], extra_stages=stages, jobs=2, warm_up=True)
+    results = pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False, render=False)
+    by_stage = {(r.stage, r.run_id.split("-")[0]): r for r in results}
+    assert by_stage[("sq", "x=3")].status == "ok" and by_stage[("sq", "x=13")].status == "failed"
+    assert by_stage[("agg", "run")].status == "ok"
+    agg_metrics = json.loads((Path(by_stage[("agg", "run")].run_dir) / "metrics.json").read_text())
+    assert agg_metrics == {"squares": [9, 25], "base": 9}
+    blocked = by_stage[("after_fail", "run")]
+    assert blocked.status == "blocked" and "x=13" in blocked.error
+    # --jobs 2 on this machine: each worker's thread budget is cores // 2.
+    threads = json.loads((Path(by_stage[("sq", "x=3")].run_dir) / "metrics.json").read_text())["threads"]
+    assert threads == str(max(1, pipeline.cpu_count() // 2))
+    # warm_up: the first configuration (x=3) ran alone before the others started.
+    first = json.loads((Path(by_stage[("sq", "x=3")].run_dir) / "metrics.json").read_text())
+    later = json.loads((Path(by_stage[("sq", "x=5")].run_dir) / "metrics.json").read_text())
+    assert first["t_end"] <= later["t_start"]
+
+
+def test_placeholder_resolution_and_run_ids(tmp_path: Path) -> None:
+    nb = tmp_path / "nb.ipynb"
+    data = {
+        "experiment": {"name": "p", "seed": 1},
+        "variables": {"epochs": 2, "root": "{repo}/data"},
+        "defaults": {"device": "cpu"},
+        "stage": [
+            {"name": "train", "notebook": str(nb), "parameters": {"epochs": "{var:epochs}", "data_root": "{var:root}"},
+             "configs": [{"run_name": "baseline", "au_weight": 0}, {"run_name": "guided", "au_weight": 9}]},
+            {"name": "cmp", "notebook": str(nb),
+             "parameters": {"baseline_checkpoint": "{run:train/baseline}/checkpoints/best.pt",
+                            "sweep_dir": "{stage:train}", "cache_dir": "rel/cache", "note": "{results}/x",
+                            "layers": ["{var:epochs}"]}},
+        ],
+    }
+    exp = pipeline.experiment_from_dict(data, overrides={"epochs": 3})
+    plan = pipeline.plan_experiment(exp, tmp_path / "res")
+    base, guided = plan["train"]
+    assert base.run_id.startswith("baseline-") and guided.run_id.startswith("guided-")
+    assert base.parameters["epochs"] == 3 and isinstance(base.parameters["epochs"], int)
+    assert base.parameters["data_root"] == f"{REPO_ROOT}/data" and base.parameters["seed"] == 1
+    assert base.parameters["device"] == "cpu" and base.parameters["output_dir"] == str(base.run_dir)
+    assert "run_name" not in base.parameters
+    cmp_params = plan["cmp"][0].parameters
+    assert cmp_params["baseline_checkpoint"] == f"{base.run_dir}/checkpoints/best.pt"
+    assert cmp_params["sweep_dir"] == str((tmp_path / "res" / "p" / "train").resolve())
+    assert cmp_params["cache_dir"] == str(REPO_ROOT / "rel" / "cache")
+    assert cmp_params["note"] == str((tmp_path / "res" / "p").resolve()) + "/x"
+    assert cmp_params["layers"] == [3]                     # a whole "{var:...}" keeps its type
+    assert plan["cmp"][0].needs_runs == [("train", base.run_id)] and plan["cmp"][0].needs_stages == ["train"]
+    # The hash ignores where the checkout lives ({repo}) but follows the parameters.
+    assert base.portable["data_root"] == "{repo}/data"
+    other = pipeline.plan_experiment(pipeline.experiment_from_dict(data, overrides={"epochs": 4}), tmp_path / "res")
+    assert other["train"][0].run_id != base.run_id and other["train"][0].run_id.startswith("baseline-")
+    assert pipeline.plan_experiment(exp, tmp_path / "res")["train"][0].run_id == base.run_id
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["stage"][1]["parameters"].update(x="{run:train/nobody}"), "nobody"),
+    (lambda d: d["stage"][1]["parameters"].update(x="{stage:later}"), "no earlier stage 'later'"),
+    (lambda d: d["stage"][1]["parameters"].update(x="{var:missing}"), "unknown variable"),
+    (lambda d: d["stage"][1]["parameters"].update(x="{run:train}"), "has 2 runs"),
+    (lambda d: d["stage"][0].update(configs=[{"a": 1}, {"a": 1}]), "identical parameters"),
+    (lambda d: d["stage"][0].update(colour="red"), "unknown key(s) colour"),
+    (lambda d: d["stage"][0]["grid"].update(b=[]), "non-empty list"),
+])
+def test_bad_experiments_fail_with_clear_messages(tmp_path: Path, mutate, message: str) -> None:
+    data = {"experiment": {"name": "bad"},
+            "stage": [{"name": "train", "notebook": "nb.ipynb", "grid": {"a": [1, 2]}},
+                      {"name": "use", "notebook": "nb.ipynb", "parameters": {}}]}
+    mutate(data)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipeline.plan_experiment(pipeline.experiment_from_dict(data), tmp_path)
+
+
+def test_unknown_preset_and_variable_are_listed() -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        pipeline.resolve_experiment_path("nope")
+    with pytest.raises(ConfigError, match="valid choices: epochs"):
+        pipeline.experiment_from_dict({"variables": {"epochs": 1}, "stage": [{"name": "a", "notebook": "x"}]},
+                                      overrides={"epoch": 2})
+
+
+def test_presets_parse_and_plan(tmp_path: Path) -> None:
+    presets = pipeline.available_presets()
+    assert {"main", "paper"} <= set(presets)
+    for name in presets:
+        exp = pipeline.load_experiment(name)
+        plan = pipeline.plan_experiment(exp, tmp_path)
+        assert sum(len(runs) for runs in plan.values()) >= 1
+        for stage in exp.stages:
+            assert stage.notebook.parent == REPO_ROOT / "notebooks", stage.notebook
+    paper = pipeline.load_experiment("paper", {"data_root": "/data/raf"})
+    train = pipeline.plan_experiment(paper, tmp_path)["train"]
+    guided = [r for r in train if r.parameters.get("au_weight") == 9]
+    assert guided and guided[0].parameters["backbone"] == "resnet50" and guided[0].parameters["image_size"] == 224
+    assert guided[0].parameters["data_root"] == "/data/raf" and guided[0].parameters["epochs"] == 20
+
+
+def test_worker_env_budgets_threads_and_round_robins_gpus() -> None:
+    env = pipeline.worker_env(slot=3, jobs=2, gpus=["0", "1", "2"])
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(max(1, pipeline.cpu_count() // 2))
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert pipeline.worker_env(slot=1, jobs=64, gpus=["4", "5"])["CUDA_VISIBLE_DEVICES"] == "5"
+    assert pipeline.worker_env(slot=0, jobs=64)["OMP_NUM_THREADS"] == "1"
+    assert pipeline.worker_env(slot=0, jobs=1, threads=7)["OPENBLAS_NUM_THREADS"] == "7"
+
+
+def test_lock_refuses_a_second_concurrent_pipeline(tmp_path: Path, square_nb: Path) -> None:
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(f'[experiment]\nname = "locked"\n[[stage]]\nname = "sq"\nnotebook = "{square_nb}"\n')
+    exp = pipeline.load_experiment(exp_file)
+    with pipeline.experiment_lock(tmp_path / "res" / "locked"):
+        with pytest.raises(pipeline.PipelineBusy, match="in use by another pipeline"):
+            pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False)
+        proc = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results",
+                               str(tmp_path / "res")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+        assert proc.returncode == 3 and f"pid {os.getpid()}" in proc.stderr and "--results" in proc.stderr
+    assert not (tmp_path / "res" / "locked" / "sq").exists()   # nothing ran while locked
+
+
+def fake_training_metrics(au_weight: float, acc: float, att: float, layers=("last",), backbone="resnet18",
+                          seed=0, cam: float | None = None) -> dict:
+    test = {"accuracy": acc, "macro_f1": acc - 0.05, "att_cos": {layers[0]: att, "other": att},
+            "att_cos_mean": att, "n": 70}
+    if cam is not None:
+        test["cam_cos"] = {"gradcam": cam - 0.1, "layercam": cam + 0.1}
+    return {"run": {"git_revision": "abc"}, "config": {"backbone": backbone, "au_weight": au_weight,
+                                                       "layers": list(layers), "seed": seed},
+            "best_epoch": 1, "test": test, "train_time_s": 12.0}
+
+
+def test_headline_table_from_fake_metrics() -> None:
+    base = fake_training_metrics(0, 0.80, 0.30)
+    guided = fake_training_metrics(9, 0.82, 0.85, cam=0.6)
+    # CAM-COS: the model's own CAM ("cam") if scored, else Grad-CAM, else the mean over methods.
+    interpret = {"baseline": {"cam_cos": 0.41}, "guided": {"cam_cos": {"layercam": 0.9, "cam": 0.7, "gradcam": 0.6}}}
+    table = pipeline.headline_table(base, guided, interpret)
+    assert list(table["model"]) == ["baseline", "AU-guided"]
+    assert list(table["lambda"]) == [0, 9]
+    assert table["accuracy"].tolist() == [0.80, 0.82]
+    assert table["ATT-COS"].tolist() == [0.30, 0.85]
+    assert table["CAM-COS"].tolist() == pytest.approx([0.41, 0.70])
+    no_interp = pipeline.headline_table(base, guided)
+    assert pd.isna(no_interp["CAM-COS"][0]) and no_interp["CAM-COS"][1] == pytest.approx(0.5)   # gradcam
+    mean_only = pipeline.headline_table(base, guided, {"guided": {"cam_cos": {"eigencam": 0.2, "layercam": 0.4}}})
+    assert mean_only["CAM-COS"][1] == pytest.approx(0.3)
+    assert pipeline.headline_table(None, guided)["model"].tolist() == ["AU-guided"]
+    md = pipeline.markdown_table(table)
+    assert md.splitlines()[0].startswith("| model |") and "0.850" in md
+
+
+def test_collect_and_summarise_training_runs(tmp_path: Path) -> None:
+    specs = [(0, 0.8, 0.3, 0), (0, 0.7, 0.2, 1), (9, 0.9, 0.8, 0), (9, 0.8, 0.9, 1)]
+    for i, (w, acc, att, seed) in enumerate(specs):
+        run = tmp_path / "sweep" / f"r{i}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(fake_training_metrics(w, acc, att, seed=seed)))
+        (run / "run.json").write_text(json.dumps({"status": "ok"}))
+    bad = tmp_path / "sweep" / "failed"
+    bad.mkdir()
+    (bad / "metrics.json").write_text(json.dumps(fake_training_metrics(30, 0.1, 0.1)))
+    (bad / "run.json").write_text(json.dumps({"status": "failed"}))
+    (tmp_path / "sweep" / "other.json").write_text("{}")
+    nested = tmp_path / "sweep" / "r0" / "run"          # the trainer's own copy inside a run: not a second run
+    nested.mkdir()
+    (nested / "metrics.json").write_text(json.dumps(fake_training_metrics(0, 0.8, 0.3)))
+    runs = pipeline.collect_training_runs(tmp_path / "sweep")
+    assert len(runs) == 4 and set(runs["au_weight"]) == {0, 9}
+    assert runs["run"].tolist() == ["r0", "r1", "r2", "r3"] and runs["tapped"][0] == "last+other"
+    table = pipeline.ablation_summary(runs)
+    assert table["au_weight"].tolist() == [0, 9] and table["n_runs"].tolist() == [2, 2]
+    assert table["accuracy"].tolist() == pytest.approx([0.75, 0.85])
+    assert table["att_cos_std"].tolist() == pytest.approx([0.05, 0.05])
+    with pytest.raises(ConfigError, match="no training runs"):
+        pipeline.ablation_summary(pipeline.collect_training_runs(tmp_path / "empty"))
+
+
+def test_index_lists_runs_and_headline(tmp_path: Path) -> None:
+    exp_dir = tmp_path / "res" / "demo"
+    for name, w, acc, att in (("baseline-aaaaaa", 0, 0.8, 0.3), ("guided-bbbbbb", 9, 0.83, 0.86)):
+        run = exp_dir / "train" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(fake_training_metrics(w, acc, att)))
+        (run / "02_train.ipynb").write_text("{}")
+        (run / "02_train.html").write_text("<html></html>")
+        (run / "run.json").write_text(json.dumps({"status": "ok", "notebook": "notebooks/02_train.ipynb",
+                                                  "git_revision": "abc1234", "duration_s": 3.0}))
+    (exp_dir / "experiment.json").write_text(json.dumps({
+        "name": "demo", "description": "a demo", "source": "experiments/demo.toml", "seed": 0,
+        "stages": [{"name": "train", "output": "train"}],
+        "headline": {"baseline": "train/baseline-aaaaaa", "guided": "train/guided-bbbbbb"}}))
+    index, readme = pipeline.write_index(tmp_path / "res")
+    page = index.read_text()
+    assert 'href="demo/train/guided-bbbbbb/02_train.html"' in page and "AU-guided" in page and "0.860" in page
+    text = readme.read_text()
+    assert "| AU-guided | resnet18 | 9 |" in text and "(demo/train/baseline-aaaaaa/02_train.html)" in text
+
+
+@pytest.mark.slow
+def test_real_training_notebook_through_the_runner(tmp_path: Path) -> None:
+    notebook = REPO_ROOT / "notebooks" / "02_train.ipynb"
+    if not notebook.exists():
+        pytest.skip("notebooks/02_train.ipynb is not there yet")
+    data = {"experiment": {"name": "tiny", "seed": 0},
+            "stage": [{"name": "train", "notebook": str(notebook),
+                       "parameters": {"dataset": "synthetic", "backbone": "resnet18", "epochs": 1, "n_per_class": 8,
+                                      "image_size": 48, "batch_size": 16, "device": "cpu", "layers": "last",
+                                      "landmarks": "ground_truth", "num_examples": 2},
+                       "configs": [{"run_name": "guided", "au_weight": 9}]},
+                      {"name": "ablation", "notebook": str(REPO_ROOT / "notebooks" / "03_ablations.ipynb"),
+                       "parameters": {"sweep_dir": "{stage:train}"}}]}
+    results = pipeline.run_experiment(pipeline.experiment_from_dict(data), results_root=tmp_path / "res",
+                                      verbose=False, render=False)
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    metrics = json.loads((Path(results[0].run_dir) / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["config"]["au_weight"] == 9
+    assert (Path(results[0].run_dir) / "run" / "checkpoints" / "best.pt").exists()
+    ablation = json.loads((Path(results[1].run_dir) / "metrics.json").read_text())
+    assert ablation["n_runs"] == 1
+
+
+def test_defaults_go_only_to_notebooks_that_declare_them(tmp_path: Path, square_nb: Path) -> None:
+    data = {"defaults": {"device": "cpu", "upstream": "u"},
+            "stage": [{"name": "sq", "notebook": str(square_nb)},
+                      {"name": "missing", "notebook": str(tmp_path / "not_there.ipynb")}]}
+    plan = pipeline.plan_experiment(pipeline.experiment_from_dict(data), tmp_path / "res")
+    assert plan["sq"][0].parameters["upstream"] == "u" and "device" not in plan["sq"][0].parameters
+    assert plan["missing"][0].parameters["device"] == "cpu"       # unreadable notebook: everything is passed
+
+
+def test_undeclared_parameter_is_refused(tmp_path: Path, square_nb: Path) -> None:
+    data = {"stage": [{"name": "sq", "notebook": str(square_nb), "grid": {"x": [1], "y_typo": [2]}}]}
+    with pytest.raises(ConfigError, match="y_typo not declared .*valid choices: output_dir, seed, upstream, x"):
+        pipeline.plan_experiment(pipeline.experiment_from_dict(data), tmp_path / "res")
