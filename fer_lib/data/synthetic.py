@@ -16,6 +16,13 @@ them, AU16 depresses the lower lip, AU17 raises the chin, AU20 stretches the lip
 AU23/AU24 tighten and press them, AU25 parts them, AU26/AU27 drop the jaw). Class AUs are
 sometimes dropped and other AUs leak in weakly, so classes overlap as real ones do.
 
+Compound expressions (`fer_lib.compound`, Du et al. 2014) can be generated too: pass their
+names in `SyntheticConfig.expressions` (e.g. `EXPRESSIONS + ("happily_surprised",)`). A
+compound face shows all of Du et al.'s AUs for it (never dropped) and, with probability
+`COMPOUND_PART_P` each, the defining (core) AUs of its two basic parts that Du's set lacks,
+so it reads as a blend of its parts. The basic classes are drawn exactly as before
+(same images for the same seed and class).
+
 The generator returns the ground-truth anchors (`fer_lib.landmarks.ANCHORS`, subject's
 left/right, transformed by the same pose jitter) and the true intensity of every AU.
 `build_synthetic` writes the set as ImageFolder + CSV manifest (+ `truth.npz`), which
@@ -44,14 +51,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..au import ALL_AUS, CODEBOOK, EXPRESSIONS, combine_aus
+from ..compound import ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS
 from ..landmarks import ANCHOR_INDEX, ANCHORS
-from ..utils import (REPO_ROOT, ConfigError, atomic_save_npz, atomic_write_csv, atomic_write_json,
+from ..utils import (REPO_ROOT, ConfigError, file_lock, atomic_save_npz, atomic_write_csv, atomic_write_json,
                      check_choice, config_hash)
 
 WORK_SIZE = 192  # drawing resolution: MediaPipe FaceMesh detects these faces reliably here
 SPLITS = ("train", "val", "test")
 SPURIOUS_EVAL_MODES = ("none", "shuffled")
 GENERATOR_VERSION = 1  # bump when drawing changes, so cached sets are rebuilt
+#: every class the generator can draw: the 7 basic ones (their ids unchanged), then the compounds
+SYNTHETIC_EXPRESSIONS: tuple[str, ...] = EXPRESSIONS + ALL_COMPOUNDS
+#: chance that a compound face also shows each core AU of its basic parts outside Du et al.'s set
+COMPOUND_PART_P = 0.5
 
 #: class-specific spurious cue: (x, y) centre of a square on the border, and its colour
 SPURIOUS_CUES: tuple[tuple[tuple[float, float], tuple[int, int, int]], ...] = (
@@ -101,7 +113,9 @@ class SyntheticConfig:
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"intensity_range must satisfy 0 <= lo <= hi <= 1, got {self.intensity_range}")
         for e in self.expressions:
-            check_choice("expression", e, EXPRESSIONS)
+            check_choice("expression", e, SYNTHETIC_EXPRESSIONS)
+        if len(set(self.expressions)) != len(tuple(self.expressions)):
+            raise ConfigError(f"expressions has duplicates: {list(self.expressions)}")
         self.intensity_range = (float(lo), float(hi))
         self.expressions = tuple(self.expressions)
 
@@ -139,6 +153,8 @@ CORE_AUS: dict[str, tuple[int, ...]] = {
 def sample_aus(expression: str, rng: np.random.Generator, intensity_range=(0.25, 1.0), drop_p: float = 0.2,
                leak_p: float = 0.12, leak_max: float = 0.35) -> dict[int, float]:
     """True AU intensities for one face of `expression` (all AUs, 0 when inactive)."""
+    if expression in COMPOUND_AUS:
+        return _sample_compound_aus(expression, rng, intensity_range, leak_p, leak_max)
     aus = {au: 0.0 for au in ALL_AUS}
     own = CODEBOOK[expression]
     for au in ALL_AUS:
@@ -150,6 +166,24 @@ def sample_aus(expression: str, rng: np.random.Generator, intensity_range=(0.25,
         for au, k in zip(own, keep):
             if k:
                 aus[au] = float(rng.uniform(lo, hi))
+    return aus
+
+
+def _sample_compound_aus(expression: str, rng: np.random.Generator, intensity_range=(0.25, 1.0),
+                         leak_p: float = 0.12, leak_max: float = 0.35) -> dict[int, float]:
+    """AU intensities of a compound face: Du et al.'s AUs always, its parts' core AUs sometimes."""
+    own = COMPOUND_AUS[expression]
+    extra = sorted({au for part in COMPOUND_PARTS[expression] for au in CORE_AUS.get(part, ())} - set(own))
+    aus = {au: 0.0 for au in ALL_AUS}
+    for au in ALL_AUS:
+        if au not in own and au not in extra and rng.random() < leak_p:
+            aus[au] = float(rng.uniform(0.0, leak_max))
+    lo, hi = intensity_range
+    for au in own:
+        aus[au] = float(rng.uniform(lo, hi))
+    for au in extra:
+        if rng.random() < COMPOUND_PART_P:
+            aus[au] = float(rng.uniform(lo, hi))
     return aus
 
 
@@ -522,10 +556,14 @@ def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Genera
 
 def generate_sample(expression: str, seed: int = 0, split: str = "train", index: int = 0,
                     config: SyntheticConfig | None = None) -> SyntheticSample:
-    """Generate one face deterministically from (seed, split, expression, index)."""
+    """Generate one face deterministically from (seed, split, expression, index).
+
+    `label` is the index in SYNTHETIC_EXPRESSIONS (basic ids unchanged, compounds after);
+    spurious cues exist for the 7 basic classes and are reused cyclically by compounds.
+    """
     cfg = config or SyntheticConfig(seed=seed)
     check_choice("split", split, SPLITS)
-    label = EXPRESSIONS.index(check_choice("expression", expression, EXPRESSIONS))
+    label = SYNTHETIC_EXPRESSIONS.index(check_choice("expression", expression, SYNTHETIC_EXPRESSIONS))
     rng = image_rng(seed, split, label, index)
     params = sample_face(expression, rng, cfg)
     spurious = -1
@@ -565,11 +603,17 @@ def build_synthetic(config: SyntheticConfig | None = None, root: str | os.PathLi
     is written under a temporary name and renamed when complete, so a killed run never leaves
     a half set behind.
     """
+    cfg = config or SyntheticConfig()
+    root = Path(root) if root is not None else default_root(cfg)
+    # one builder at a time per folder: parallel sweep workers wait, then reuse the set
+    with file_lock(root.parent / f".{root.name}.lock"):
+        return _build_locked(cfg, root, progress, overwrite)
+
+
+def _build_locked(cfg: SyntheticConfig, root: Path, progress: bool, overwrite: bool) -> Path:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    cfg = config or SyntheticConfig()
-    root = Path(root) if root is not None else default_root(cfg)
     if is_complete(root) and not overwrite:
         stored = json.loads((root / CONFIG_FILE).read_text())
         if stored.get("key") == cfg.key():
