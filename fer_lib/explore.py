@@ -1,0 +1,424 @@
+"""Interactive exploration for notebooks: one call explains one image with a trained model.
+
+    from fer_lib.explore import explore
+    fig, result = explore("results/main/train/guided-.../run/checkpoints/best.pt", "face.jpg")
+
+shows, side by side, the image the model saw (with the facial anchors), the class
+probabilities, the AU map of the predicted class (MediaPipe landmarks, face crop optional),
+the layer attention of each tapped layer and a chosen CAM, with ATT-COS / CAM-COS of this
+image in the titles; `result` holds the numbers and maps. `explore_sample` does the same for
+a dataset item (its own landmarks, true label shown) and `sample_slider` flips through the
+test samples with an ipywidgets slider where ipywidgets is installed (it is optional: not a
+dependency of the project).
+
+Nothing is re-implemented here: checkpoints load through `fer_lib.models.load_checkpoint`,
+maps come from `fer_lib.interpret` (`layer_attention_maps`, `compute_cams`), AU maps from
+`fer_lib.au.heatmap`, cosines from `fer_lib.metrics.map_cosine`, overlays from
+`fer_lib.plots.overlay`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import au
+from .interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalise, layer_attention_maps,
+                        resolve_device, tapped_layers)
+from .landmarks import FaceLandmarks, MediaPipeFaceMesh, as_rgb_array, crop_to_face
+from .metrics import map_cosine
+from .models import TappedModel, load_checkpoint
+from .plots import overlay, save_figure
+from .utils import ConfigError
+
+#: CAM shown by default: works for CNNs and transformers alike
+DEFAULT_CAM = "gradcam"
+_MODEL_CACHE: dict[tuple[str, float, str], TappedModel] = {}
+_DETECTOR: MediaPipeFaceMesh | None = None
+
+
+@dataclass
+class Exploration:
+    """What `explore` computed for one image (maps are (S, S) float arrays in [0, 1])."""
+
+    image: np.ndarray                      # (S, S, 3) uint8: the model's input, before normalisation
+    class_names: list[str]
+    probabilities: np.ndarray              # (K,) softmax of the logits
+    predicted: int
+    explained: int                         # the class the AU map and the CAM are for
+    au_map: np.ndarray | None              # None when no landmarks; zeros for a class without AUs
+    anchors: np.ndarray | None             # (A, 2) normalised anchors on `image`
+    attention: dict[str, np.ndarray]       # tapped layer -> min-max scaled attention at image size
+    cam: np.ndarray
+    cam_method: str
+    att_cos: dict[str, float] = field(default_factory=dict)   # raw attention vs AU map (nan: no valid map)
+    cam_cos: float = math.nan
+    label: int | None = None               # true class, when known (dataset samples)
+    notes: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def predicted_name(self) -> str:
+        """Name of the predicted class."""
+        return self.class_names[self.predicted]
+
+    @property
+    def explained_name(self) -> str:
+        """Name of the class the AU map and CAM explain."""
+        return self.class_names[self.explained]
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The k most probable classes as (name, probability), most probable first."""
+        order = np.argsort(-self.probabilities)[:k]
+        return [(self.class_names[i], float(self.probabilities[i])) for i in order]
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly digest: prediction, probabilities, scores, notes."""
+        def num(v: float) -> float | None:
+            return None if v is None or not math.isfinite(v) else round(float(v), 4)
+
+        return {"source": self.source, "predicted": self.predicted_name,
+                "label": None if self.label is None else self.class_names[self.label],
+                "explained": self.explained_name,
+                "probabilities": {n: round(float(p), 4) for n, p in zip(self.class_names, self.probabilities)},
+                "landmarks": self.anchors is not None, "cam_method": self.cam_method,
+                "att_cos": {k: num(v) for k, v in self.att_cos.items()}, "cam_cos": num(self.cam_cos),
+                "notes": list(self.notes)}
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | torch.device | None = None
+               ) -> TappedModel:
+    """A TappedModel in eval mode from a checkpoint path (cached by path and mtime), a model or (model, ckpt)."""
+    if isinstance(checkpoint, tuple) and checkpoint and isinstance(checkpoint[0], nn.Module):
+        checkpoint = checkpoint[0]
+    if isinstance(checkpoint, nn.Module):
+        if not hasattr(checkpoint, "tap_names") or not hasattr(checkpoint, "classify"):
+            raise ConfigError(f"expected a fer_lib TappedModel (fer_lib.models.build_model / load_checkpoint), "
+                              f"got {type(checkpoint).__name__}")
+        model = checkpoint
+        if device is not None:
+            model = model.to(resolve_device(device))
+        return model.eval()
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ConfigError(f"checkpoint must be a path to a fer_lib checkpoint or a TappedModel, "
+                          f"got {type(checkpoint).__name__}")
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    dev = resolve_device(device)
+    key = (str(path), path.stat().st_mtime, str(dev))
+    if key not in _MODEL_CACHE:
+        model, _ = load_checkpoint(path, map_location="cpu")
+        _MODEL_CACHE.clear()          # keep one model: notebooks flip between images, not checkpoints
+        _MODEL_CACHE[key] = model.to(dev).eval()
+    return _MODEL_CACHE[key]
+
+
+def _detector() -> MediaPipeFaceMesh:
+    global _DETECTOR
+    if _DETECTOR is None:
+        _DETECTOR = MediaPipeFaceMesh()
+    return _DETECTOR
+
+
+def _anchors_of(landmarks: FaceLandmarks | np.ndarray) -> np.ndarray:
+    anchors = landmarks.anchors() if isinstance(landmarks, FaceLandmarks) else np.asarray(landmarks, np.float32)
+    if anchors.ndim != 2 or anchors.shape[1] != 2:
+        raise ConfigError(f"landmarks must be a FaceLandmarks or normalised (A, 2) anchors, got shape {anchors.shape}")
+    return anchors.astype(np.float32)
+
+
+def prepare_image(image: Any, image_size: int, crop_face: bool = True, detector: Any = None,
+                  landmarks: FaceLandmarks | np.ndarray | bool | None = None, margin: float = 0.25
+                  ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(S x S RGB uint8 input, anchors normalised on it or None, notes) for a path / array / PIL image.
+
+    Landmarks: detected with `detector` (default MediaPipe FaceMesh) unless given (a
+    FaceLandmarks or anchors normalised on `image`) or `landmarks=False` (no AU map). With
+    `crop_face`, the image is cropped to the face box plus `margin` first (the aligned-crop
+    setting models are trained on); then it is resized to S x S like the datasets do.
+    """
+    rgb = as_rgb_array(image)
+    notes: list[str] = []
+    found: FaceLandmarks | np.ndarray | None
+    if landmarks is False:
+        found = None
+        notes.append("landmarks disabled: no AU map")
+    elif landmarks is None or landmarks is True:
+        found = (detector or _detector()).detect(rgb)
+        if found is None:
+            notes.append("no face found by the landmark detector: no AU map" + (", image not cropped" if crop_face else ""))
+    else:
+        found = landmarks
+    anchors = None
+    if found is not None:
+        if crop_face:
+            if not isinstance(found, FaceLandmarks):
+                found = FaceLandmarks(points=_anchors_of(found), scheme="anchors", image_size=rgb.shape[1::-1])
+            rgb, found = crop_to_face(rgb, found, margin=margin)
+        anchors = _anchors_of(found)
+    if rgb.shape[:2] != (image_size, image_size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None))
+    return np.ascontiguousarray(rgb, dtype=np.uint8), anchors, notes
+
+
+def to_input(model: TappedModel, rgb: np.ndarray) -> torch.Tensor:
+    """(1, C, S, S) tensor normalised with the model's mean/std (gray for one-channel models)."""
+    cfg = model.config
+    x = torch.from_numpy(np.asarray(rgb, np.float32) / 255.0).permute(2, 0, 1)
+    if int(cfg.get("in_chans", 3)) == 1:
+        x = x.mean(dim=0, keepdim=True)
+    mean = torch.tensor(cfg.get("mean", (0.5,) * x.shape[0]), dtype=torch.float32)[: x.shape[0], None, None]
+    std = torch.tensor(cfg.get("std", (0.5,) * x.shape[0]), dtype=torch.float32)[: x.shape[0], None, None]
+    return ((x - mean) / std)[None]
+
+
+def _class_index(value: int | str, class_names: Sequence[str]) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 0 <= int(value) < len(class_names):
+            return int(value)
+    elif isinstance(value, str) and value in class_names:
+        return list(class_names).index(value)
+    raise ConfigError(f"unknown class {value!r}; valid choices: 'prediction', 'label', "
+                      f"{', '.join(class_names)} or 0..{len(class_names) - 1}")
+
+
+# ----------------------------------------------------------------------------- computing
+def explain_input(model: TappedModel, rgb: np.ndarray, anchors: np.ndarray | None, cam: str = DEFAULT_CAM,
+                  layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
+                  cam_layer: str | None = None, label: int | None = None, notes: Sequence[str] = (),
+                  source: str = "") -> Exploration:
+    """Prediction, probabilities, AU map, attention and CAM for one prepared S x S input."""
+    method = check_cam_methods([cam])[0]
+    names = tapped_layers(model, layers)
+    class_names = list(model.config.get("class_names") or [f"class_{i}" for i in range(model.config["num_classes"])])
+    notes = list(notes)
+    device = next(model.parameters()).device
+    x = to_input(model, rgb).to(device)
+    with torch.no_grad():
+        logits, feats = model(x)
+    probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    predicted = int(probs.argmax())
+    if target is None or target == "prediction":
+        explained = predicted
+    elif target == "label":
+        if label is None:
+            raise ConfigError("target='label' needs a known label (use explore_sample, or target='prediction')")
+        explained = int(label)
+    else:
+        explained = _class_index(target, class_names)
+    name = class_names[explained]
+    size = int(rgb.shape[0])
+    au_map = None
+    if anchors is not None:
+        if name in au.CODEBOOK:
+            au_map = au.heatmap(anchors, name, size)
+            if not au.has_au_map(name):
+                notes.append(f"{name} has no AU in the codebook: empty AU map")
+        else:
+            notes.append(f"class {name!r} is not in the AU codebook: no AU map")
+    shown = layer_attention_maps(model, x, names, scale=True, features=feats)
+    raw = layer_attention_maps(model, x, names, size="layer", features=feats)
+    cam_map = compute_cams(model, x, method, torch.tensor([explained]), layer=cam_layer)[0].numpy()
+    att_cos = {n: math.nan for n in names}
+    cam_cos = math.nan
+    if au_map is not None and float(au_map.max()) > 0:
+        target_map = torch.from_numpy(au_map)[None, None]
+        att_cos = {n: float(map_cosine(raw[n].cpu(), target_map)[0]) for n in names}
+        cam_cos = float(map_cosine(torch.from_numpy(cam_map)[None, None], target_map)[0])
+    return Exploration(image=np.asarray(rgb, np.uint8), class_names=class_names, probabilities=probs,
+                       predicted=predicted, explained=explained, au_map=au_map, anchors=anchors,
+                       attention={n: shown[n][0, 0].cpu().numpy() for n in names}, cam=cam_map, cam_method=method,
+                       att_cos=att_cos, cam_cos=cam_cos, label=label, notes=notes, source=source)
+
+
+# ----------------------------------------------------------------------------- plotting
+def _fmt_cos(name: str, value: float) -> str:
+    return f"\n{name} {value:.2f}" if math.isfinite(value) else ""
+
+
+def plot_exploration(result: Exploration, alpha: float = 0.5, cmap: str = "jet", panel: float = 2.6,
+                     path: str | os.PathLike | None = None) -> Any:
+    """One row of panels: input, probabilities, AU map, attention per layer, CAM (axes labelled by panel)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    n = 4 + len(result.attention)
+    fig, axes = plt.subplots(1, n, figsize=(panel * n, panel * 1.25),
+                             gridspec_kw={"width_ratios": [1, 1.3] + [1] * (n - 2)})
+    image = result.image
+    size = image.shape[0]
+
+    ax = axes[0]
+    ax.set_label("input")
+    ax.imshow(image)
+    if result.anchors is not None:
+        ax.scatter(result.anchors[:, 0] * size, result.anchors[:, 1] * size, s=6, c="red")
+    truth = f"label: {result.class_names[result.label]}\n" if result.label is not None else ""
+    ax.set_title(f"input ({result.source or 'image'})\n{truth}".rstrip(), fontsize=8)
+
+    ax = axes[1]
+    ax.set_label("probabilities")
+    colours = ["tab:orange" if i == result.predicted else "tab:blue" for i in range(len(result.class_names))]
+    sns.barplot(x=result.probabilities, y=list(result.class_names), hue=list(result.class_names),
+                palette=colours, legend=False, orient="h", ax=ax)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"prediction: {result.predicted_name} ({result.probabilities[result.predicted]:.2f})", fontsize=8)
+
+    ax = axes[2]
+    ax.set_label("au_map")
+    if result.au_map is not None:
+        ax.imshow(overlay(image, result.au_map, alpha, cmap))
+        aus = ", ".join(f"AU{a}" for a in au.CODEBOOK.get(result.explained_name, ())) or "no AU"
+        ax.set_title(f"AU map: {result.explained_name}\n{aus}", fontsize=8)
+    else:
+        ax.imshow(image)
+        ax.set_title(f"AU map: {result.explained_name}\n(unavailable)", fontsize=8)
+
+    for ax, (layer, att) in zip(axes[3:-1], result.attention.items()):
+        ax.set_label(f"attention:{layer}")
+        ax.imshow(overlay(image, att, alpha, cmap))
+        ax.set_title(f"attention: {layer}{_fmt_cos('ATT-COS', result.att_cos.get(layer, math.nan))}", fontsize=8)
+
+    ax = axes[-1]
+    ax.set_label("cam")
+    ax.imshow(overlay(image, result.cam, alpha, cmap))
+    ax.set_title(f"{result.cam_method}: {result.explained_name}{_fmt_cos('CAM-COS', result.cam_cos)}", fontsize=8)
+
+    for ax in [axes[0], *axes[2:]]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if result.notes:
+        fig.text(0.01, 0.01, "; ".join(result.notes), fontsize=7, color="#a00")
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------- one-call entry points
+def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: str = DEFAULT_CAM,
+            layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
+            crop_face: bool = True, landmarks: FaceLandmarks | np.ndarray | bool | None = None,
+            detector: Any = None, device: str | torch.device | None = None, cam_layer: str | None = None,
+            path: str | os.PathLike | None = None, alpha: float = 0.5, cmap: str = "jet") -> tuple[Any, Exploration]:
+    """Explain one image (path, array or PIL) with a checkpoint (path or model): returns (Figure, Exploration).
+
+    `cam`: one of fer_lib.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
+    show (default all); `target`: the class the AU map and CAM are for (default the
+    prediction; a class name or index); `path` also saves the figure.
+    """
+    check_cam_methods([cam])
+    model = load_model(checkpoint, device)
+    rgb, anchors, notes = prepare_image(image, int(model.config["image_size"]), crop_face=crop_face,
+                                        detector=detector, landmarks=landmarks)
+    source = Path(image).name if isinstance(image, (str, os.PathLike)) else "array"
+    result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
+                           notes=notes, source=source)
+    return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+
+
+def dataset_sample(dataset: Any, index: int, image_size: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(RGB uint8 S x S, anchors or None, label) of one unaugmented dataset item.
+
+    FERDataset items come from `.sample(index, augment=False)` (with their landmark anchors);
+    other contract-1 datasets are de-normalised from their tensors (no anchors).
+    """
+    if not 0 <= int(index) < len(dataset):
+        raise IndexError(f"sample {index} out of range: the dataset has {len(dataset)} items")
+    if hasattr(dataset, "sample") and hasattr(dataset, "records"):
+        rgb, anchors, _ = dataset.sample(int(index), augment=False)
+        label = int(dataset.records[int(index)].label)
+    else:
+        item = dataset[int(index)]
+        mean = getattr(dataset, "mean", None) or (0.5, 0.5, 0.5)
+        std = getattr(dataset, "std", None) or (0.5, 0.5, 0.5)
+        rgb = (denormalise(item[0][None], mean, std)[0] * 255).round().astype(np.uint8)
+        anchors, label = None, int(item[1])
+    if image_size is not None and rgb.shape[:2] != (image_size, image_size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR, reducing_gap=None))
+    return rgb, anchors, label
+
+
+def explore_sample(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: Any, index: int,
+                   cam: str = DEFAULT_CAM, layers: str | Sequence[str | int] | None = None,
+                   target: int | str | None = None, device: str | torch.device | None = None,
+                   cam_layer: str | None = None, path: str | os.PathLike | None = None, alpha: float = 0.5,
+                   cmap: str = "jet") -> tuple[Any, Exploration]:
+    """`explore` for item `index` of a dataset (its own landmarks; the true label is shown)."""
+    check_cam_methods([cam])
+    model = load_model(checkpoint, device)
+    rgb, anchors, label = dataset_sample(dataset, index, int(model.config["image_size"]))
+    notes = [] if anchors is not None else ["no landmarks for this sample: no AU map"]
+    result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
+                           label=label, notes=notes, source=f"sample {index}")
+    return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+
+
+def ipywidgets_available() -> bool:
+    """True where ipywidgets can be imported (it is optional: not a dependency of this project)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: Any = None,
+                  indices: Sequence[int] | None = None, split: str = "test", **kwargs: Any) -> Any:
+    """An ipywidgets slider over dataset samples that redraws `explore_sample` (needs ipywidgets).
+
+    Default dataset: the checkpoint's own `split` (test) split, rebuilt from its saved
+    training config (fer_lib.interpret.checkpoint_dataset). Extra keyword arguments go to
+    `explore_sample` (cam, layers, target, ...).
+    """
+    if not ipywidgets_available():
+        raise ConfigError("sample_slider needs ipywidgets, which is not installed (it is optional); "
+                          "install it (pip install ipywidgets) or call explore_sample(checkpoint, dataset, i)")
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    if kwargs.get("cam") is not None:
+        check_cam_methods([kwargs["cam"]])
+    model = load_model(checkpoint, kwargs.pop("device", None))
+    if dataset is None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise ConfigError("pass dataset=... when checkpoint is a model (only a checkpoint file records its data)")
+        from .interpret import checkpoint_dataset
+
+        dataset = checkpoint_dataset(checkpoint, split=split)
+    indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    if not indices:
+        raise ConfigError("no samples to show: the dataset or `indices` is empty")
+    slider = widgets.IntSlider(value=0, min=0, max=len(indices) - 1, step=1, description="sample",
+                               continuous_update=False)
+    out = widgets.Output()
+
+    def render(change: Any = None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            fig, _ = explore_sample(model, dataset, indices[slider.value], **kwargs)
+            from IPython.display import display
+
+            display(fig)
+            plt.close(fig)
+
+    slider.observe(render, names="value")
+    render()
+    return widgets.VBox([slider, out])
+
+
+__all__ = ["CAM_METHODS", "DEFAULT_CAM", "Exploration", "dataset_sample", "explain_input", "explore",
+           "explore_sample", "ipywidgets_available", "load_model", "plot_exploration", "prepare_image",
+           "sample_slider", "to_input"]
