@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+JOBS ?= 2
 
-.PHONY: setup main test bench lab clean-results
+.PHONY: setup main test test-browser bench lab
 
 setup: $(STAMP)
 
@@ -15,16 +16,27 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m fer_lib.jupyter kernel
 	@touch $(STAMP)
 
-# The main job: regenerate every result notebook, table and figure under results/.
+# The main job: every result notebook, table and figure under results/ (experiments/main.toml),
+# on the embedded synthetic data; resumable (finished runs are skipped).
 main: setup
-	mkdir -p results/01_au_heatmaps
-	cd notebooks && ../$(PY) -m papermill -k python3 --language python 01_au_heatmaps.ipynb ../results/01_au_heatmaps/01_au_heatmaps.ipynb -p output_dir ../results/01_au_heatmaps
+	$(PY) -m fer_lib.pipeline experiments/main.toml --jobs $(JOBS)
 
 # The test suite (what .ci/run runs).
 test: setup
 	$(PY) -m pytest
 
+# The browser test alone (installs Debian's chromium with tests/browser_setup.sh when missing; needs root).
+test-browser: setup
+	$(PY) -m pytest tests/test_browser.py -s
+
+# JupyterLab on the repository with the project kernel "fer-au (.venv)".
+lab: setup
+	$(PY) -m fer_lib.jupyter lab
+
 bench: setup
 	$(PY) bench/heatmaps.py
+	$(PY) bench/synthetic_speed.py
+	$(PY) bench/overhead.py
