@@ -368,8 +368,11 @@ class LandmarkCache:
                 scheme = str(z["scheme"])
                 size = tuple(int(v) for v in z["image_size"])
                 checksum = str(z["checksum"])
+                owner = str(z["key"]) if "key" in z.files else key  # entries written before keys were stored
             if checksum != self._checksum(points, found, reason, scheme, size):
                 raise ValueError("checksum mismatch")
+            if owner != key:
+                raise ValueError(f"entry of another image ({owner[:12]}...) under this key")
         except Exception as exc:  # noqa: BLE001 - any unreadable entry is a miss, never used
             self.corrupt_entries += 1
             log.warning("landmark cache entry %s is corrupt (%s); it will be rebuilt", path, exc)
@@ -387,7 +390,7 @@ class LandmarkCache:
         np.savez(
             buf, points=points.astype(np.float32), found=np.array(found), reason=np.array(reason),
             scheme=np.array(scheme), image_size=np.array(size, dtype=np.int64),
-            checksum=np.array(self._checksum(points, found, reason, scheme, size)),
+            checksum=np.array(self._checksum(points, found, reason, scheme, size)), key=np.array(key),
         )
         atomic_write_bytes(self.path_for(key), buf.getvalue())
 

@@ -283,6 +283,8 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> dict[str, list[str]
     if mismatched:
         raise ConfigError(f"weights in {path} do not fit {type(net).__name__}: " + "; ".join(mismatched[:5]))
     result = net.load_state_dict(state, strict=False)
+    in_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    dropped += [k for k in result.missing_keys if in_head(k) and k not in dropped]  # headless backbone file
     missing = [k for k in result.missing_keys if k not in dropped]
     if missing or result.unexpected_keys:
         raise ConfigError(f"weights in {path} do not fit {type(net).__name__}: missing {missing[:5]}, "

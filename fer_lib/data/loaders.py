@@ -462,23 +462,44 @@ def load_csv_manifest(csv: str | os.PathLike, root: str | os.PathLike | None = N
     extra = [c for c in frame.columns if c not in ("path", "label", "split")]
     records: list[Record] = []
     skipped: list[tuple[str, str, str]] = []
+    bad_labels: list[str] = []
+    seen: dict[str, int] = {}
     for i, row in enumerate(frame.itertuples(index=False)):
         row = row._asdict()
         where = f" at {csv} row {i + 2}"
-        label = resolve_label(row["label"], names, where)
         split = "train"
         if has_split:
             key = str(row["split"]).strip().lower()
             if key not in SPLIT_NAMES:
                 raise LabelError(f"unknown split {row['split']!r}{where}; valid: train, val, test")
             split = SPLIT_NAMES[key]
-        p = Path(row["path"])
+        tag = split if has_split else ""
+        if not str(row["path"]).strip():
+            skipped.append((f"{csv}#row{i + 2}", f"no image path{where}", tag))
+            continue
+        p = Path(str(row["path"]).strip())
         path = p if p.is_absolute() else base / p
+        if not str(row["label"]).strip():  # a row whose label entry is missing: listed, not guessed
+            skipped.append((str(path), f"missing label{where}", tag))
+            continue
+        try:
+            label = resolve_label(row["label"], names, where)
+        except LabelError as exc:  # out-of-range id or unknown name: listed with the reason, the rest is used
+            bad_labels.append(str(exc))
+            skipped.append((str(path), f"bad label: {exc}", tag))
+            continue
+        if str(path) in seen:
+            skipped.append((str(path), f"listed twice{where} (first at row {seen[str(path)]}); the repeat is ignored",
+                            tag))
+            continue
+        seen[str(path)] = i + 2
         if check_files and not path.exists():
-            skipped.append((str(path), "missing image file listed in " + csv.name, split if has_split else ""))
+            skipped.append((str(path), "missing image file listed in " + csv.name, tag))
             continue
         records.append(Record(path=str(path), label=label, split=split, meta={c: row[c] for c in extra}))
     if not records:
+        if bad_labels:
+            raise LabelError(f"no usable row in {csv}: {len(bad_labels)} bad label(s), the first: {bad_labels[0]}")
         raise DatasetLayoutError(f"none of the files listed in {csv} exists under {base}; expected {CSV_LAYOUT}")
     present = {r.split for r in records}
     fractions = {}
@@ -488,5 +509,10 @@ def load_csv_manifest(csv: str | os.PathLike, root: str | os.PathLike | None = N
         fractions["test"] = _check_fraction("test_fraction", test_fraction)
     if any(v > 0 for v in fractions.values()):
         split_fractions(records, fractions, seed)
+    reasons = [why for _, why, _ in skipped]
     return DatasetIndex(name="csv", class_names=names, records=records, root=base,
-                        stats={"missing_files": len(skipped)}, skipped=skipped)
+                        stats={"missing_files": sum(w.startswith("missing image") for w in reasons),
+                               "bad_labels": len(bad_labels),
+                               "missing_labels": sum(w.startswith(("missing label", "no image path")) for w in reasons),
+                               "duplicate_rows": sum(w.startswith("listed twice") for w in reasons)},
+                        skipped=skipped)

@@ -1,0 +1,1 @@
+"""Fault-injection tests: bad data, kills, corrupt caches, NaNs, bad configs, failing notebooks, races."""
