@@ -47,3 +47,37 @@ def test_notebook01_smoke(tmp_path):
     assert metrics["run"]["config"]["size"] == 64
     for figure in ("landmarks.png", "au_maps_happiness.png", "expression_heatmaps.png"):
         assert (out_dir / figure).stat().st_size > 1000
+
+
+def _errors(nb) -> list:
+    return [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+@pytest.mark.slow
+def test_notebook04_smoke_trains_a_tiny_pair_and_compares(tmp_path):
+    out_dir = tmp_path / "out"
+    nb = run_notebook("04_cam_interpretability.ipynb", tmp_path, epochs=1, n_per_class=8, n_samples=24,
+                      faithfulness_samples=4, cam_methods="cam,gradcam,eigencam", output_dir=str(out_dir))
+    assert not _errors(nb)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for model in ("baseline", "guided"):
+        assert set(metrics[model]["cam_cos_by_method"]) == {"cam", "gradcam", "eigencam"}
+        assert 0 <= metrics[model]["att_cos_mean"] <= 1
+
+
+@pytest.mark.slow
+def test_notebook06_smoke_lnlattennet_vs_plain(tmp_path):
+    out_dir = tmp_path / "out"
+    nb = run_notebook("06_local_nonlocal.ipynb", tmp_path, image_size=64, n_per_class=10, epochs=1,
+                      output_dir=str(out_dir))
+    assert not _errors(nb)
+    assert json.loads((out_dir / "metrics.json").read_text())["run"]["git_revision"]
+
+
+@pytest.mark.slow
+def test_notebook09_smoke_explanations(tmp_path):
+    out_dir = tmp_path / "out"
+    nb = run_notebook("09_au_explanations.ipynb", tmp_path, n_samples=6, fer2013_root="none",
+                      output_dir=str(out_dir))
+    assert not _errors(nb)
+    assert json.loads((out_dir / "metrics.json").read_text())["run"]["git_revision"]
