@@ -100,6 +100,12 @@ class FERDataset:
         self.augment = bool(augment)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        if isinstance(augment_config, dict):  # from a JSON/TOML config or a saved TrainConfig
+            fields = [f.name for f in dataclasses.fields(AugmentConfig)]
+            unknown = sorted(set(augment_config) - set(fields))
+            if unknown:
+                raise ConfigError(f"unknown augment_config key(s) {unknown}; valid: {', '.join(fields)}")
+            augment_config = AugmentConfig(**{k: tuple(v) if k == "crop_scale" else v for k, v in augment_config.items()})
         self.augment_config = augment_config or AugmentConfig()
         self.skipped = list(skipped)
         self.name = name
