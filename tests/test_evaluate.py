@@ -70,7 +70,7 @@ def test_presets_are_listed_and_validated(tmp_path):
 
 
 def test_fer2013_preset_defaults_to_shared_data(fer2013_root):
-    assert Path(preset("fer2013").data_root) == fer2013_root
+    assert Path(preset("fer2013").data_root).resolve() == fer2013_root
 
 
 def test_preset_augmentation_reaches_the_dataset(tiny_folder):
