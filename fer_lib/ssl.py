@@ -861,9 +861,6 @@ def public_results(results: Mapping[str, Any]) -> dict[str, Any]:
 def plot_views(images: UnlabelledImages, path: str | Path, n: int = 6, seed: int = 0,
                warp: WarpConfig | None = None, augment: GlobalAugConfig | None = None) -> Path:
     """Per face (rows): source, positives v1 and v2, then per warp mode (uniform, AU-aware) the negative n1 and |d1|."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     from .plots import save_figure
@@ -902,9 +899,6 @@ def plot_views(images: UnlabelledImages, path: str | Path, n: int = 6, seed: int
 
 def plot_pretraining(results: Mapping[str, Any], path: str | Path) -> Path:
     """Loss and similarity to the positive (s+) / warped negative (s-) per epoch, per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -928,9 +922,6 @@ def plot_pretraining(results: Mapping[str, Any], path: str | Path) -> Path:
 
 def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
     """Bars: linear-probe accuracy, k-NN accuracy, retrieval precision@1 / mAP per backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -956,9 +947,6 @@ def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
 def plot_retrieval(results: Mapping[str, Any], path: str | Path, backbones: Sequence[str] | None = None,
                    n_queries: int = 4, k: int = 5, seed: int = 0) -> Path:
     """For a few test queries: the top-k train images per backbone (green title = same expression)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     from .plots import save_figure

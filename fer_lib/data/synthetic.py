@@ -673,9 +673,6 @@ def plot_sample_grid(path: str | os.PathLike, seed: int = 0, image_size: int = 1
     The AU map is the expression's codebook heatmap rendered from the ground-truth anchors;
     the title lists the AUs that are truly active (intensity >= 0.2).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     from ..utils import atomic_path
