@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from .au import ALL_AUS, AU_NAMES, CODEBOOK, au_map
+from .models import input_tensor
 from .interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale, resolve_device,
                         tapped_layers)
 from .landmarks import (ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array, crop_to_face,
@@ -401,10 +402,7 @@ def model_input(rgb: np.ndarray, anchors: np.ndarray | None, model: nn.Module) -
     size = int(cfg.get("image_size") or 112)
     image, anchors = geometric_transform(Image.fromarray(as_rgb_array(rgb)), anchors, size)
     arr = np.asarray(image, np.uint8)
-    mean = torch.tensor(cfg.get("mean") or (0.5, 0.5, 0.5), dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.get("std") or (0.5, 0.5, 0.5), dtype=torch.float32)[:, None, None]
-    x = (torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0 - mean) / std
-    return arr, anchors, x
+    return arr, anchors, input_tensor(cfg, arr)
 
 
 @dataclass

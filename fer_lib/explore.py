@@ -34,7 +34,7 @@ from .interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalis
                         resolve_device, tapped_layers)
 from .landmarks import FaceLandmarks, MediaPipeFaceMesh, as_rgb_array, crop_to_face
 from .metrics import map_cosine
-from .models import TappedModel, load_checkpoint
+from .models import TappedModel, input_tensor, load_checkpoint
 from .plots import overlay, save_figure
 from .utils import ConfigError
 
@@ -172,13 +172,7 @@ def prepare_image(image: Any, image_size: int, crop_face: bool = True, detector:
 
 def to_input(model: TappedModel, rgb: np.ndarray) -> torch.Tensor:
     """(1, C, S, S) tensor normalised with the model's mean/std (gray for one-channel models)."""
-    cfg = model.config
-    x = torch.from_numpy(np.asarray(rgb, np.float32) / 255.0).permute(2, 0, 1)
-    if int(cfg.get("in_chans", 3)) == 1:
-        x = x.mean(dim=0, keepdim=True)
-    mean = torch.tensor(cfg.get("mean", (0.5,) * x.shape[0]), dtype=torch.float32)[: x.shape[0], None, None]
-    std = torch.tensor(cfg.get("std", (0.5,) * x.shape[0]), dtype=torch.float32)[: x.shape[0], None, None]
-    return ((x - mean) / std)[None]
+    return input_tensor(model.config, rgb)[None]
 
 
 def _class_index(value: int | str, class_names: Sequence[str]) -> int:

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -332,6 +333,17 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
     if weights is not None:
         load_weights(net, weights)
     return TappedModel(net, tap_names, config)
+
+
+def input_tensor(config: dict, rgb: np.ndarray) -> torch.Tensor:
+    """(C, S, S) model input from an S x S RGB uint8 image, normalised with the model config's
+    mean/std (averaged to gray for one-channel models); the one place photos become inputs."""
+    x = torch.from_numpy(np.asarray(rgb, np.float32) / 255.0).permute(2, 0, 1)
+    if int(config.get("in_chans", 3)) == 1:
+        x = x.mean(dim=0, keepdim=True)
+    mean = torch.tensor(config.get("mean") or (0.5,) * x.shape[0], dtype=torch.float32)[: x.shape[0], None, None]
+    std = torch.tensor(config.get("std") or (0.5,) * x.shape[0], dtype=torch.float32)[: x.shape[0], None, None]
+    return (x - mean) / std
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[TappedModel, dict]:
