@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import read_checkpoint
 from .metrics import classification_metrics, map_cosine
 from .models import layer_attention, load_checkpoint
 from .models import resolve_layers as _resolve_model_layers
@@ -582,8 +583,7 @@ def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = 
     """
     from .data import build_datasets
 
-    ckpt = checkpoint if isinstance(checkpoint, Mapping) else torch.load(Path(checkpoint), map_location="cpu",
-                                                                         weights_only=False)
+    ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     cfg = dict(ckpt.get("config") or {})
     model_cfg = dict(ckpt.get("model_config") or {})
     name = dataset or cfg.get("dataset")

