@@ -356,6 +356,16 @@ def _load_offline_imagenet(net: nn.Module, backbone: str) -> None:
     _load_state(net, state, path)
 
 
+def init_new_head(net: nn.Module) -> None:
+    """A freshly sized classifier on pretrained features starts small (normal, std 0.01; bias 0): timm's
+    from-scratch init gives logits of +-8 on ImageNet features, whose first large gradients would
+    disturb the pretrained weights."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
+
+
 @functools.lru_cache(maxsize=8)
 def _reference_state_names(backbone: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import timm
@@ -465,6 +475,7 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
         class_names = list(EXPRESSIONS) if num_classes == len(EXPRESSIONS) else [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
+    reinitialised: list[str] = []
     if pretrained == "imagenet" and backbone not in OFFLINE_IMAGENET:
         kwargs = _net_kwargs(backbone, num_classes, image_size, in_chans, output_stride)
         net = _timm_pretrained(backbone, kwargs, weights, allow_download)
@@ -475,7 +486,9 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
                 raise ConfigError(f"ImageNet weights take 3 input channels, got in_chans={in_chans}")
             _load_offline_imagenet(net, backbone)
         elif weights is not None:
-            load_weights(net, weights, trust=trust)
+            reinitialised = load_weights(net, weights, trust=trust)["reinitialised"]
+    if pretrained == "imagenet" or (weights is not None and reinitialised):
+        init_new_head(net)
     cfg = getattr(net, "pretrained_cfg", {})
     config = {
         "backbone": backbone, "num_classes": num_classes, "layers": [str(l) for l in layers],
