@@ -348,12 +348,13 @@ def map_state_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.
     return out
 
 
-def _load_offline_imagenet(net: nn.Module, backbone: str) -> None:
+def _load_offline_imagenet(net: nn.Module, backbone: str) -> list[str]:
+    """Load the packaged ImageNet weights; returns the head tensors left out (another class count)."""
     path = offline_weights_file(backbone)
     source = load_file(path)  # plain tensors: read with weights_only=True
     reference = timm_module_state(backbone)
     state = map_state_in_order(source, reference, origin=str(path))
-    _load_state(net, state, path)
+    return _load_state(net, state, path)["reinitialised"]
 
 
 def init_new_head(net: nn.Module) -> None:
@@ -484,10 +485,10 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
         if pretrained == "imagenet":
             if in_chans != 3:
                 raise ConfigError(f"ImageNet weights take 3 input channels, got in_chans={in_chans}")
-            _load_offline_imagenet(net, backbone)
+            reinitialised = _load_offline_imagenet(net, backbone)
         elif weights is not None:
             reinitialised = load_weights(net, weights, trust=trust)["reinitialised"]
-    if pretrained == "imagenet" or (weights is not None and reinitialised):
+    if reinitialised:
         init_new_head(net)
     cfg = getattr(net, "pretrained_cfg", {})
     config = {
