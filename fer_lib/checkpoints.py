@@ -44,6 +44,10 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be read (missing, corrupt, or not what fer_lib writes)."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Neither a file nor the name of a shipped checkpoint."""
+
+
 def to_plain(obj: Any) -> Any:
     """`obj` with numpy arrays as tensors and numpy scalars, tuples, dataclasses and Paths as plain
     values, so that `torch.load(..., weights_only=True)` reads it back."""
@@ -81,7 +85,7 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
     """Read a .safetensors or torch file without running code (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint or weights file not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
@@ -93,7 +97,7 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         if "weights only load failed" not in str(exc).lower():
-            raise CheckpointError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:300]}); it is corrupt, "
+            raise CheckpointError(f"could not read checkpoint {path} ({type(exc).__name__}: {str(exc)[:300]}); it is corrupt, "
                                   f"truncated or not a torch file") from exc
         if not trust:
             raise _refusal(path, _unpickling_reason(exc)) from None
@@ -177,8 +181,8 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     if str(spec) in shipped:
         return shipped[str(spec)]
     names = ", ".join(shipped) or "none are installed"
-    raise CheckpointError(f"checkpoint {str(spec)!r} is neither a file nor a shipped checkpoint name; "
-                          f"shipped: {names} (fer_lib.models.shipped_checkpoints())")
+    raise CheckpointNotFoundError(f"checkpoint not found: {spec} is neither a file nor a shipped checkpoint name "
+                                  f"(shipped: {names}; fer_lib.models.shipped_checkpoints())")
 
 
 def read_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = "cpu",

@@ -42,23 +42,19 @@ class EvaluationError(RuntimeError):
     """The checkpoint or the data cannot be evaluated (the message says why and what is accepted)."""
 
 
-def _load_model(checkpoint: str | Path):
+def _load_model(checkpoint: str | Path, trust: bool = False):
+    """(model, checkpoint dict) from a checkpoint file or shipped name; files that are not plain data are
+    refused unless `trust` (fer_lib.checkpoints)."""
     from .models import load_checkpoint
 
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (give the .pt file written by fer_lib.train, "
-                                f"e.g. <out_dir>/checkpoints/best.pt)")
-    if path.is_dir():
-        best = path / "checkpoints" / "best.pt"
-        hint = f"; did you mean {best}?" if best.is_file() else ""
-        raise FileNotFoundError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     try:
-        return load_checkpoint(path, map_location="cpu")
+        return load_checkpoint(checkpoint, map_location="cpu", trust=trust)
+    except ConfigError:  # not found, refused as unsafe, not a fer_lib checkpoint: the message says which
+        raise
     except (ValueError, KeyError) as exc:
-        raise EvaluationError(f"{path} is not a fer_lib checkpoint: {exc}") from exc
-    except Exception as exc:  # torch.load on a corrupt/truncated/foreign file
-        raise EvaluationError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise EvaluationError(f"{checkpoint} is not a fer_lib checkpoint: {exc}") from exc
+    except Exception as exc:  # a state dict that does not fit the recorded architecture, ...
+        raise EvaluationError(f"could not read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
 
 
 def guess_dataset(data: str | Path) -> str:
@@ -157,7 +153,7 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
                                 cam_samples: int | None = 1000, max_samples: int | None = None,
                                 batch_size: int = 64, landmarks: str = "detect", cache_dir: str | None = None,
                                 seed: int = 0, device: str = "auto", progress: bool = True,
-                                dataset_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                                dataset_kwargs: dict[str, Any] | None = None, trust: bool = False) -> dict[str, Any]:
     """Every metric of one checkpoint on one dataset split, as a JSON-ready dict (see the module docstring)."""
     from .interpret import check_cam_methods, evaluate_checkpoint, resolve_device, subset_indices
     from .train import evaluate as train_evaluate
@@ -171,7 +167,7 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
     config = {"checkpoint": str(checkpoint), "data": None if data is None else str(data), "dataset": dataset,
               "split": split, "cam_methods": methods, "cam_samples": cam_samples, "max_samples": max_samples,
               "batch_size": batch_size, "landmarks": landmarks, "seed": seed, "device": str(dev)}
-    model, ckpt = _load_model(checkpoint)
+    model, ckpt = _load_model(checkpoint, trust=trust)
     mc = dict(model.config)
     ds, name, split_used = load_eval_dataset(mc, ckpt.get("config"), data, dataset, split, landmarks, cache_dir,
                                              seed, progress, dataset_kwargs)
@@ -364,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.dataset import DATASETS
 
     p = argparse.ArgumentParser(prog="python -m fer_lib.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a fer_lib checkpoint (.pt from fer_lib.train)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fer_lib checkpoint (.pt from fer_lib.train, a shipped .safetensors) or a shipped name "
+                        "(python -m fer_lib.checkpoints list)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that is not plain data (unpickles code): only for a file you made")
     p.add_argument("--data", default=None, help="dataset folder/file (default: the checkpoint's training dataset)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="how to read --data (default: a folder is an ImageFolder)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"),
@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint, args.data, args.dataset, args.split, cams,
             cam_samples=None if args.cam_samples == 0 else args.cam_samples, max_samples=args.max_samples,
             batch_size=args.batch_size, landmarks=args.landmarks, cache_dir=args.cache_dir, seed=args.seed,
-            device=args.device, progress=not args.no_progress)
+            device=args.device, progress=not args.no_progress, trust=args.trust_checkpoint)
     except (ConfigError, EvaluationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

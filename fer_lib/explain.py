@@ -1052,7 +1052,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Explain expression predictions by action units: per-AU evidence, "
                                             "an overlay figure and a table per image.")
     p.add_argument("images", nargs="+", help="image files (any face photo; landmarks are detected)")
-    p.add_argument("--checkpoint", required=True, help="a fer_lib checkpoint (best.pt of fer_lib.train)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a fer_lib checkpoint (best.pt of fer_lib.train, a shipped .safetensors) or a shipped name "
+                        "(python -m fer_lib.checkpoints list), e.g. fer2013_lite0_guided")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that is not plain data (unpickles code): only for a file you made")
     p.add_argument("--cam", default=None, help=f"explain with a CAM instead of the layer attention; one of: "
                                                f"{', '.join(CAM_METHODS)}")
     p.add_argument("--layer", default=None, help="tapped layer for attention / CAM (default: the last)")
@@ -1075,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_threshold(args.threshold)
         from .models import load_checkpoint
 
-        model, _ = load_checkpoint(args.checkpoint, map_location="cpu")
+        model, _ = load_checkpoint(args.checkpoint, map_location="cpu", trust=args.trust_checkpoint)
         model = model.to(resolve_device(args.device)).eval()
         if args.layer is not None:
             tapped_layers(model, args.layer)

