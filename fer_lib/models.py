@@ -548,6 +548,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def model_from_config(mc: dict[str, Any]) -> TappedModel:
     """An untrained TappedModel with the architecture a checkpoint's model_config records."""
+    if mc["backbone"] == "mini_xception":
+        from .peer import mini_xception_from_config  # the peer port builds on this module: imported on use
+
+        return mini_xception_from_config(mc)
     if mc["backbone"] in LNL_BACKBONES:
         model = lnl_from_config(mc)
     else:
