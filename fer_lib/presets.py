@@ -1,7 +1,7 @@
 """Named training presets: ready-made `TrainConfig`s for the datasets the project runs on.
 
     from fer_lib.presets import preset
-    config = preset("fer2013", backbone="resnet18", au_weight=9, out_dir="runs/fer_r18")
+    config = preset("fer2013_lite0", au_weight=9, out_dir="runs/fer_lite0")   # the shipped checkpoints' recipe
     fer_lib.train.train(config)
 
 or from the command line: `python -m fer_lib.presets fer2013 --set epochs=5` prints the
@@ -47,7 +47,7 @@ def fer2013_root(data_root: str | Path | None = None) -> str | None:
 
 
 def fer2013_preset(data_root: str | Path | None = None) -> dict[str, Any]:
-    """The full FER2013 recipe (GPU scale): ResNet18 at 96 px, all 25,117 train faces, 40 epochs, lambda 9."""
+    """The full FER2013 recipe (GPU scale): ResNet18 at 96 px, all 28,709 Training faces, 40 epochs, lambda 9."""
     return {
         "dataset": "fer2013", "data_root": fer2013_root(data_root), "landmarks": "detect", "augment": True,
         "dataset_kwargs": {"augment_config": dataclasses.asdict(FER2013_AUGMENT)},
@@ -59,15 +59,30 @@ def fer2013_preset(data_root: str | Path | None = None) -> dict[str, Any]:
 
 
 def fer2013_cpu_preset(data_root: str | Path | None = None) -> dict[str, Any]:
-    """What fits a shared 2-core CPU (results/fer2013): a small ResNet at native 48 px, 1000 faces/class, 8 epochs."""
+    """The first CPU recipe (from scratch): a small ResNet at native 48 px, 1000 faces/class, 8 epochs (49.6%)."""
     cfg = fer2013_preset(data_root)
-    # the runs in results/fer2013 used the data module's default augmentation (crop 85-100%, rotation 10 deg,
+    # the former runs (before the official split) used the data module's default augmentation (crop 85-100%, rotation 10 deg,
     # landmark-swapping flip, jitter 0.15), so this preset keeps it to reproduce them exactly; the other CPU
     # runs there override backbone (test_vit, mobilenetv3_small_100), lr, warmup and epochs (see its README)
     cfg["dataset_kwargs"] = {"max_per_class": {"train": 1000, "val": 300}}
     cfg.update(backbone="test_resnet", image_size=48, epochs=8, batch_size=32, lr=2e-3, warmup=0.5,
                device="cpu", out_dir="runs/fer2013_cpu")
     return cfg
+
+
+def fer2013_lite0_preset(data_root: str | Path | None = None) -> dict[str, Any]:
+    """Real faces at the literature's level on a 2-core CPU: ImageNet tf_efficientnet_lite0, 112 px, stage 4 (7x7), all Training, 6 epochs."""
+    # official protocol: fit on Training (all 28,709 faces), select and report on PublicTest ("val");
+    # blocks.4 (stride 16) gives a 7x7 attention map at 112 px, as the paper's ResNet50 layer 5 at 224 px;
+    # inputs normalised as the pretrained weights expect (mean = std = 0.5, set by fer_lib.train)
+    return {
+        "dataset": "fer2013", "data_root": fer2013_root(data_root), "landmarks": "detect", "augment": True,
+        "dataset_kwargs": {"augment_config": dataclasses.asdict(FER2013_AUGMENT)},
+        "backbone": "tf_efficientnet_lite0", "pretrained": "imagenet", "layers": (4,), "image_size": 112,
+        "au_weight": 9.0, "au_loss": "cosine", "label_smoothing": 0.1, "epochs": 6, "batch_size": 64,
+        "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup": 0.3, "seed": 0,
+        "out_dir": "runs/fer2013_lite0",
+    }
 
 
 def synthetic_default_preset(data_root: str | Path | None = None) -> dict[str, Any]:
@@ -81,6 +96,7 @@ def synthetic_default_preset(data_root: str | Path | None = None) -> dict[str, A
 
 PRESETS: dict[str, Callable[..., dict[str, Any]]] = {
     "fer2013": fer2013_preset,
+    "fer2013_lite0": fer2013_lite0_preset,
     "fer2013_cpu": fer2013_cpu_preset,
     "synthetic_default": synthetic_default_preset,
 }
