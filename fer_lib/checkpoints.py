@@ -14,6 +14,9 @@ without unpickling arbitrary objects.
   read that pair; `shipped_checkpoints()` lists them by name.
 - `convert(old, new)`: rewrites an old fer_lib checkpoint (after an explicit trust) in the safe
   format: `python -m fer_lib.checkpoints convert OLD.pt NEW.pt --trust-checkpoint`.
+- `ship(checkpoint, name, evaluation, card)`: a training checkpoint as a shipped one:
+  `python -m fer_lib.checkpoints ship runs/x/checkpoints/best.pt NAME --evaluation eval.json`;
+  `python -m fer_lib.checkpoints list` lists them.
 """
 from __future__ import annotations
 
@@ -203,6 +206,28 @@ def read_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+#: what every shipped FER2013 model card says about the data's terms
+FER2013_TERMS = ("Trained on FER2013 (Goodfellow et al., 2013; ICML 2013 Challenges in Representation Learning), "
+                 "which is distributed for research use only: use this model for research, not in products.")
+
+
+def ship(checkpoint: str | os.PathLike, name: str, evaluation: dict[str, Any] | None = None,
+         card: dict[str, Any] | None = None, folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write a training checkpoint as a shipped one: `<folder>/<name>.safetensors` (fp16 weights) and
+    `<name>.json`, the model card (model config, recipe, protocol, metrics, data terms, provenance)."""
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"a shipped name takes letters, digits, '_' and '-' only, got {name!r}")
+    ckpt = read_checkpoint(checkpoint)
+    keys = ("n", "accuracy", "macro_f1", "per_class_accuracy", "att_cos", "att_cos_mean", "cam_cos", "cam_n_valid",
+            "n_valid_maps", "dataset", "split", "confusion")
+    info = {"name": name, "model_config": ckpt["model_config"], "train_config": ckpt.get("config"),
+            "epoch": ckpt.get("epoch"), "source_run": (ckpt.get("run") or {}).get("git_revision"),
+            "metrics": {k: evaluation[k] for k in keys if evaluation and k in evaluation},
+            **(card or {})}
+    root = Path(folder) if folder is not None else SHIPPED_DIR
+    return save_shipped(root / name, ckpt["model_state"], info)
+
+
 def convert(old: str | os.PathLike, new: str | os.PathLike, trust: bool = False) -> Path:
     """Rewrite an old fer_lib checkpoint (read only with trust=True) as plain data that loads safely."""
     if not trust:
@@ -260,14 +285,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("new")
     conv.add_argument(TRUST_FLAG, dest="trust", action="store_true", help="I made OLD myself: unpickle it once")
     sub.add_parser("list", help="list the shipped checkpoints")
+    shp = sub.add_parser("ship", help="write a training checkpoint as a shipped one (fp16 safetensors + model card)")
+    shp.add_argument("checkpoint")
+    shp.add_argument("name")
+    shp.add_argument("--evaluation", help="JSON of python -m fer_lib.evaluate for this checkpoint (metrics)")
+    shp.add_argument("--card", help="JSON object merged into the model card (protocol, recipe, terms, ...)")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, path in shipped_checkpoints().items():
-            print(f"{name:24s} {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+            card = json.loads(path.with_suffix(".json").read_text())
+            acc = (card.get("metrics") or {}).get("accuracy")
+            print(f"{name:28s} {card['model_config'].get('backbone')}  accuracy {acc if acc is None else f'{acc:.4f}'}"
+                  f"  {path}")
         return 0
     try:
+        if args.command == "ship":
+            evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
+            card = json.loads(args.card) if args.card else None
+            weights, card_path = ship(args.checkpoint, args.name, evaluation, card)
+            print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB) and {card_path}")
+            return 0
         out = convert(args.old, args.new, trust=args.trust)
-    except ConfigError as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} (loads with weights_only=True)")

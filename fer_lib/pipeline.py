@@ -37,6 +37,7 @@ Experiment file format::
     baseline = "{run:train/baseline}"
     guided = "{run:train/guided}"
     interpret = "{run:interpret}"  # optional, the run whose metrics hold CAM-COS
+    # or: comparison = "{run:real_faces}"   a notebook-08 run: one headline row per evaluated checkpoint
 
 Parameters merge as defaults (only for notebooks that declare them) < stage parameters <
 config < grid point; a parameter that the notebook's `parameters` cell does not declare is an
@@ -116,7 +117,7 @@ STAGE_KEYS = {"name", "notebook", "parameters", "configs", "grid", "output", "ti
               "require_metrics", "warm_up", "description"}
 EXPERIMENT_KEYS = {"name", "description", "seed", "jobs"}
 TOP_KEYS = {"experiment", "variables", "defaults", "stage", "headline"}
-HEADLINE_KEYS = ("baseline", "guided", "interpret")
+HEADLINE_KEYS = ("baseline", "guided", "interpret", "comparison")
 FAILED = ("failed", "blocked")
 _PLACEHOLDER = re.compile(r"\{(repo|results)\}|\{(var|stage|run):([^{}]+)\}")
 
@@ -1012,11 +1013,40 @@ def headline_table(baseline: Mapping[str, Any] | None, guided: Mapping[str, Any]
                                        "ATT-COS", "CAM-COS", "train_time_s"])
 
 
+def comparison_headline(metrics: Mapping[str, Any]) -> "pd.DataFrame":
+    """The headline rows of a comparison notebook's metrics.json (notebook 08: `comparison` records, one
+    per evaluated checkpoint, peer included), in the columns of `headline_table`."""
+    import pandas as pd
+
+    rows = []
+    for rec in metrics.get("comparison") or []:
+        cams = [v for k, v in rec.items() if k.startswith("cam_cos_") and v is not None]
+        rows.append({"model": rec.get("model"), "backbone": rec.get("backbone"), "lambda": rec.get("au_weight"),
+                     "layers": None, "accuracy": rec.get("accuracy"), "macro_f1": rec.get("macro_f1"),
+                     "ATT-COS": rec.get("att_cos"), "CAM-COS": cams[0] if cams else None,
+                     "train_time_s": None if rec.get("train_time_s") is None else round(rec["train_time_s"], 1)})
+    return pd.DataFrame(rows, columns=["model", "backbone", "lambda", "layers", "accuracy", "macro_f1",
+                                       "ATT-COS", "CAM-COS", "train_time_s"])
+
+
+def headline_split(exp_dir: str | os.PathLike) -> str:
+    """Which split the headline numbers are measured on ("test set", or the comparison's own split)."""
+    info = _load_json(Path(exp_dir) / "experiment.json") or {}
+    ref = (info.get("headline") or {}).get("comparison")
+    if not ref:
+        return "test set"
+    metrics = _load_json(Path(exp_dir) / ref / "metrics.json") or {}
+    return str(metrics.get("split_label") or f"{metrics.get('dataset', '')} {metrics.get('split', '')}".strip())
+
+
 def experiment_headline(exp_dir: str | os.PathLike) -> "pd.DataFrame | None":
     """The headline table of a finished experiment folder (None if it declares no headline)."""
     exp_dir = Path(exp_dir)
     info = _load_json(exp_dir / "experiment.json") or {}
     refs = info.get("headline") or {}
+    if refs.get("comparison"):
+        table = comparison_headline(_load_json(exp_dir / refs["comparison"] / "metrics.json") or {})
+        return None if table.empty else table
     if not refs.get("baseline") and not refs.get("guided"):
         return None
     loaded = {k: _load_json(exp_dir / v / "metrics.json") for k, v in refs.items()}
@@ -1174,8 +1204,9 @@ def write_index(results_root: str | os.PathLike = DEFAULT_RESULTS) -> tuple[Path
         md += [re.sub(r"</?code>", "`", meta) + ".", ""]
         headline = experiment_headline(exp_dir)
         if headline is not None:
-            html_parts.append("<h3>Headline: baseline vs AU-guided (test set)</h3>" + _html_table(headline))
-            md += ["### Headline: baseline vs AU-guided (test set)", "", markdown_table(headline), ""]
+            where = html.escape(headline_split(exp_dir))
+            html_parts.append(f"<h3>Headline: baseline vs AU-guided ({where})</h3>" + _html_table(headline))
+            md += [f"### Headline: baseline vs AU-guided ({where})", "", markdown_table(headline), ""]
         runs = _experiment_runs(exp_dir)
         if runs.empty:
             continue
@@ -1288,7 +1319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + format_summary(results))
     headline = experiment_headline(exp_dir)
     if headline is not None:
-        print("\nHeadline (test set):\n" + format_headline(headline))
+        print(f"\nHeadline ({headline_split(exp_dir)}):\n" + format_headline(headline))
     print(f"\nResults: {exp_dir}  (summary.csv, per-run folders)")
     if not args.no_render:
         print(f"Open {Path(args.results).resolve() / 'index.html'} for the rendered notebooks; "
