@@ -69,3 +69,15 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[
         "confusion": confusion.tolist(),
         "n": n,
     }
+
+
+#: what every FER2013 result states about its data (official split; PrivateTest is never used here)
+FER2013_PROTOCOL = ("FER2013 official protocol: trained on Training (28,709 faces), model selection and reported "
+                    "numbers on PublicTest (3,589 faces, the 'val' split); PrivateTest held out, never used")
+
+
+def protocol_note(dataset: str | None, split: str | None = None) -> str | None:
+    """The protocol statement for results on `dataset` (FER2013's official split), None for other data."""
+    if dataset != "fer2013":
+        return None
+    return FER2013_PROTOCOL + (f"; these numbers: {'PublicTest' if split == 'val' else split}" if split else "")

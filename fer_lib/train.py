@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .losses import AU_LOSSES, AUGuidedLoss, valid_map_mask
-from .metrics import classification_metrics, map_cosine
+from .metrics import classification_metrics, map_cosine, protocol_note
 from .checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
 from .models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
                      pretrained_normalisation, resolve_layers)
@@ -770,6 +770,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     if ctx.distributed:  # DDP keeps replicas identical; record it so a divergence would show
         results["rank_param_checksums"] = _gather_checksums(core, ctx)
     results["device"] = str(ctx.device)
+    results["protocol"] = protocol_note(config.dataset, "val" if val_set is not None else None)
     skipped = sum(h["train"].get("skipped_batches", 0) for h in history)
     results["skipped_batches"] = skipped
     results["data"] = data_summary
