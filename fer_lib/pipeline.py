@@ -1279,10 +1279,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: exit 0 if every run succeeded or was skipped, 1 if any failed, 2 on bad input, 3 if busy."""
-    args = build_parser().parse_args(argv)
+    """CLI entry: exit 0 if every run succeeded or was skipped, 1 if any failed, 2 on bad input, 3 if busy.
+
+    Bad input and OS errors (a full disk, an unwritable --results) print one line naming the
+    file and what to do (fer_lib.utils.run_cli); --debug adds the traceback.
+    """
+    from .utils import run_cli
+
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
     if args.worker:
         return _worker_main()
+    return run_cli(lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """The body of `main` (errors a user can fix propagate to run_cli)."""
     try:
         if args.experiment and args.preset:
             raise ConfigError("give the experiment either as an argument or with --preset, not both")
@@ -1309,9 +1322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_experiment(experiment, results_root=args.results, jobs=args.jobs, only=only,
                                  force=args.force, threads=args.threads, render=not args.no_render,
                                  reuse_stale=args.reuse_stale)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except PipelineBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -8,22 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
+import traceback
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Marks the project's errors that a user can fix (configuration, data layout, labels, images, checkpoints).
+
+    Command-line entry points report them as one line (`run_cli`), never as a traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """An invalid parameter; raised before any work starts, listing the valid choices."""
 
 
@@ -52,6 +62,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:  # a full disk: name the file being written, not an anonymous temporary
+        if exc.filename in (None, str(tmp_path)) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -176,3 +190,57 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- command-line errors
+#: what to do about an OS error, by errno (the file is named in the message)
+_OS_ADVICE: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free space there or write to another folder (the previous file is kept)",
+    errno.EDQUOT: "the disk quota is exceeded: free space there or write to another folder",
+    errno.EFBIG: "the file grew past the size this system allows: free space or raise the limit, or write elsewhere",
+    errno.EACCES: "permission denied: check the file's permissions or choose another path",
+    errno.EPERM: "operation not permitted: check the file's permissions or choose another path",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "expected a file but this is a folder: check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer workers",
+    errno.EIO: "input/output error: the disk or network drive failed; check it and rerun",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OS error: the file, what happened and what to do."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    advice = _OS_ADVICE.get(exc.errno or -1)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    text = f"{where}: {what}" if where else what
+    return f"{text}; {advice}" if advice else text
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a command prints for an error a user can fix (newlines folded)."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError):
+        text = os_error_message(exc)
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def run_cli(body: Callable[[], int], debug: bool = False, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command's body: the project's errors (UserError, `user_errors`) and OS errors (a full disk, a missing
+    or unwritable file) become one line `error: ...` on stderr and exit status 2; Ctrl-C exits 130.
+
+    `debug=True` (the commands' --debug flag) prints the traceback too. Other exceptions are
+    bugs and propagate with their traceback.
+    """
+    try:
+        return int(body() or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (UserError, OSError, *user_errors) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {error_line(exc)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return 2
