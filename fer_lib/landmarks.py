@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .utils import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .utils import UserError, atomic_write_bytes, atomic_write_json, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -177,30 +177,62 @@ class FaceLandmarks:
 
 
 # --------------------------------------------------------------------------- images
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be used, with the reason (missing file, not an image, truncated...)."""
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = 80_000_000
+#: the EXIF tag that says how a stored photo must be rotated/mirrored to be upright
+EXIF_ORIENTATION = 0x0112
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
-    """Convert any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK) to an RGB uint8 array."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Convert any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK) to an RGB uint8 array.
+
+    16-bit and 32-bit integer images are scaled by their bit depth (65535 -> 255), not
+    stretched, so a dark photo stays dark; float images in [0, 1] are scaled by 255; other
+    ranges (and integer images outside 0..65535) are min-max scaled. Transparent pixels
+    are composited on white.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and lo >= 0 and hi <= 65535):
+            arr = arr / 257.0 if hi > 255 or image.mode.startswith("I;16") else arr
+        elif image.mode == "F" and lo >= 0 and hi <= 1.0:
+            arr = arr * 255.0
+        else:
+            arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3), or raise ImageError saying what is wrong."""
+def _downscale(image: Image.Image, max_side: int | None) -> Image.Image:
+    """The image with its longer side at most `max_side` (aspect kept; a no-op for None or small images)."""
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = Image.fromarray(to_rgb_uint8(image))
+    return image.resize(size, Image.BILINEAR, reducing_gap=2.0)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = None
+               ) -> tuple[np.ndarray, list[str]]:
+    """Read an image file upright as RGB uint8 (H, W, 3) plus notes on what was done; ImageError if unusable.
+
+    The EXIF orientation tag is applied (phones store photos rotated and tag them), so faces
+    are upright. An animated image (GIF, WebP, APNG) gives its first frame, and a note says
+    so. With `max_side`, the image is downscaled to that longer side; a JPEG is then decoded
+    at a reduced scale (libjpeg's DCT scaling), so memory stays bounded even for photos above
+    `max_pixels`, which are otherwise refused.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageError(f"image file does not exist: {path}")
@@ -208,25 +240,53 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
         raise ImageError(f"expected an image file, got a directory: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
+    notes: list[str] = []
     try:
         with Image.open(path) as im:
+            full = im.size
+            if max_side is not None and im.format == "JPEG" and max(im.size) > max_side:
+                im.draft("RGB" if im.mode in ("RGB", "CMYK", "YCbCr") else im.mode,
+                         (max(1, im.width * max_side // max(im.size)), max(1, im.height * max_side // max(im.size))))
             if im.width * im.height > max_pixels:
                 raise ImageError(
-                    f"image too large ({im.width}x{im.height} > {max_pixels} pixels): {path}; "
-                    "resize it or raise max_pixels"
+                    f"image too large ({full[0]}x{full[1]} > {max_pixels} pixels): {path}; "
+                    "resize it or raise max_pixels" + ("" if max_side is not None else " (or read it with max_side=...)")
                 )
+            if getattr(im, "is_animated", False) and getattr(im, "n_frames", 1) > 1:
+                notes.append(f"animated image with {im.n_frames} frames: the first frame is used")
+                im.seek(0)
             im.load()
-            return to_rgb_uint8(im)
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            upright = ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
+            if orientation not in (None, 1):
+                notes.append(f"EXIF orientation {orientation} applied")
+            if im.mode == "CMYK":
+                notes.append("CMYK image converted to RGB")
+            small = _downscale(upright, max_side)
+            if small.size != upright.size or im.size != full:
+                notes.append(f"downscaled from {full[0]}x{full[1]} to {small.size[0]}x{small.size[1]}")
+            return to_rgb_uint8(small), notes
     except UnidentifiedImageError:
         raise ImageError(
             f"not a readable image: {path} (accepted formats: {', '.join(IMAGE_EXTENSIONS)})"
         ) from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {path}: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"corrupt or truncated image: {path}: {exc}") from None
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int | None = None) -> np.ndarray:
+    """Read an image file upright (EXIF orientation applied) as RGB uint8 (H, W, 3), or raise ImageError.
+
+    See `read_image` for animated images and `max_side`; its notes are logged at INFO.
+    """
+    rgb, notes = read_image(path, max_pixels, max_side)
+    for note in notes:
+        log.info("%s: %s", path, note)
+    return rgb
 
 
 def as_rgb_array(image: np.ndarray | Image.Image | str | os.PathLike) -> np.ndarray:
@@ -234,6 +294,8 @@ def as_rgb_array(image: np.ndarray | Image.Image | str | os.PathLike) -> np.ndar
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
+        if image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
+            image = ImageOps.exif_transpose(image)  # a PIL image opened by the caller: upright it too
         return to_rgb_uint8(image)
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -327,6 +389,337 @@ class MediaPipeFaceMesh:
         state["_mesh"] = None
         state["_pid"] = None
         return state
+
+
+# --------------------------------------------------------------------------- several faces per photo
+#: photos are downscaled to this longer side before face detection (memory and time stay bounded)
+DETECT_MAX_SIDE = 2048
+#: the smallest face (pixels, landmark box side) `detect_faces` is built to find
+MIN_FACE = 48
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """A face candidate of the face detector: box (x0, y0, x1, y1) in pixels of the image searched, and its score."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float = 1.0
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.x1 - self.x0) * max(0.0, self.y1 - self.y0)
+
+    def iou(self, other: "FaceBox") -> float:
+        """Intersection over union with another box."""
+        w = min(self.x1, other.x1) - max(self.x0, other.x0)
+        h = min(self.y1, other.y1) - max(self.y0, other.y0)
+        inter = max(0.0, w) * max(0.0, h)
+        union = self.area + other.area - inter
+        return inter / union if union > 0 else 0.0
+
+    def contains(self, x: float, y: float, grow: float = 0.0) -> bool:
+        """Whether (x, y) lies inside the box grown by `grow` of its size on each side."""
+        gw, gh = grow * (self.x1 - self.x0), grow * (self.y1 - self.y0)
+        return self.x0 - gw <= x <= self.x1 + gw and self.y0 - gh <= y <= self.y1 + gh
+
+
+def non_max_suppression(boxes: Sequence[FaceBox], iou: float = 0.3) -> list[FaceBox]:
+    """Keep the best-scoring box of every group of boxes that overlap by more than `iou` (highest score first)."""
+    kept: list[FaceBox] = []
+    for box in sorted(boxes, key=lambda b: -b.score):
+        if all(box.iou(k) <= iou for k in kept):
+            kept.append(box)
+    return kept
+
+
+def _tiles(length: int, tile: int) -> list[int]:
+    """Start offsets of tiles of side `tile` covering 0..length with half-tile overlap."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile // 2))
+    return starts + [length - tile]
+
+
+class MediaPipeFaceDetector:
+    """MediaPipe's full-range face detector (BlazeFace, `model_selection=1`) over the photo and overlapping tiles.
+
+    The detector sees a 192 px input, so on a whole group photo a small face is a few pixels
+    and is missed. It therefore also runs on square tiles (half-tile overlap) whose side
+    halves from the photo's shorter side down to `tile_factor * min_face` (8 x 48 = 384 px:
+    a 48 px face is then 1/8 of the tile), and overlapping boxes are merged (non-maximum
+    suppression). Boxes are in pixels of the image given.
+    """
+
+    def __init__(self, min_face: int = MIN_FACE, min_confidence: float = 0.5, tile_factor: int = 8,
+                 nms_iou: float = 0.3) -> None:
+        self.min_face = int(min_face)
+        self.min_confidence = float(min_confidence)
+        self.tile_factor = int(tile_factor)
+        self.nms_iou = float(nms_iou)
+        self._detector = None
+        self._pid: int | None = None
+
+    @property
+    def cache_key(self) -> str:
+        return f"blazefull-v1-min{self.min_face}-conf{self.min_confidence:g}-t{self.tile_factor}"
+
+    def _get(self):
+        if self._detector is None or self._pid != os.getpid():  # not fork-safe, like FaceMesh
+            try:
+                from mediapipe.python.solutions import face_detection
+            except ImportError as exc:  # pragma: no cover - dependency problem
+                raise RuntimeError("mediapipe face detection is not available; install mediapipe==0.10.21") from exc
+            self._detector = face_detection.FaceDetection(model_selection=1,
+                                                          min_detection_confidence=self.min_confidence)
+            self._pid = os.getpid()
+        return self._detector
+
+    def _run(self, rgb: np.ndarray, ox: int, oy: int) -> list[FaceBox]:
+        result = self._get().process(np.ascontiguousarray(rgb))
+        h, w = rgb.shape[:2]
+        out = []
+        for det in result.detections or []:
+            b = det.location_data.relative_bounding_box
+            x0, y0 = ox + b.xmin * w, oy + b.ymin * h
+            out.append(FaceBox(x0, y0, x0 + b.width * w, y0 + b.height * h, float(det.score[0])))
+        return out
+
+    def tile_sizes(self, height: int, width: int) -> list[int]:
+        """Tile sides searched after the whole image: halving from the shorter side while >= tile_factor * min_face."""
+        sizes, side = [], min(height, width)
+        while side >= self.tile_factor * self.min_face:
+            sizes.append(side)
+            side //= 2
+        return sizes
+
+    def boxes(self, image: Any) -> list[FaceBox]:
+        """Every face candidate of the image (pixels), best score first."""
+        rgb = as_rgb_array(image)
+        h, w = rgb.shape[:2]
+        found = self._run(rgb, 0, 0)
+        for tile in self.tile_sizes(h, w):
+            if tile >= max(h, w):
+                continue  # the whole image was searched already
+            for y in _tiles(h, tile):
+                for x in _tiles(w, tile):
+                    found += self._run(rgb[y:y + tile, x:x + tile], x, y)
+        return non_max_suppression(found, self.nms_iou)
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detector.close()
+            self._detector = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_detector"] = None
+        state["_pid"] = None
+        return state
+
+
+@dataclass
+class Face:
+    """One face of a photo: its index (0 = largest), box in photo pixels, landmarks normalised to the photo."""
+
+    index: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the landmarks (photo pixels)
+    landmarks: FaceLandmarks
+    score: float = float("nan")  # face detector score (nan: found by FaceMesh alone or from the cache)
+
+    @property
+    def size(self) -> int:
+        """The longer side of the face box in photo pixels."""
+        return int(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
+def landmark_box(landmarks: FaceLandmarks) -> FaceBox:
+    """The landmarks' bounding box in pixels of the image they are normalised to."""
+    px = landmarks.pixels()
+    (x0, y0), (x1, y1) = px.min(axis=0), px.max(axis=0)
+    return FaceBox(float(x0), float(y0), float(x1), float(y1))
+
+
+def _largest_first(faces: Sequence[tuple[FaceLandmarks, float]]) -> list[tuple[FaceLandmarks, float]]:
+    """THE rule where one face is wanted: the largest landmark box (area) first; ties by detector score."""
+    return sorted(faces, key=lambda f: (-landmark_box(f[0]).area, -(f[1] if np.isfinite(f[1]) else -1.0)))
+
+
+class FaceFinder:
+    """Every face of a photo: the full-range face detector finds boxes, FaceMesh gives each its 478 points.
+
+    `find(image)` returns all faces' landmarks normalised to the photo, largest first (landmark
+    box area: the documented rule where one face is wanted); `detect(image)` is the largest
+    one, so a FaceFinder is also a LandmarkDetector. With exactly one candidate, FaceMesh runs
+    on the whole photo first (identical to MediaPipeFaceMesh there); otherwise, or if that
+    finds no face in the candidate box, on a square crop twice the box's size around each
+    candidate, mapped back. Where the face detector finds nothing (a tight face crop such as
+    FER2013), FaceMesh on the whole image is the fallback. Photos larger than `max_side` are
+    searched downscaled; coordinates are normalised, so nothing changes for the caller.
+    """
+
+    scheme = "mediapipe478"
+
+    def __init__(self, min_face: int = MIN_FACE, max_side: int = DETECT_MAX_SIDE, crop_scale: float = 2.0,
+                 mesh: MediaPipeFaceMesh | None = None, face_detector: MediaPipeFaceDetector | None = None) -> None:
+        self.mesh = mesh or MediaPipeFaceMesh()
+        self.face_detector = face_detector or MediaPipeFaceDetector(min_face=min_face)
+        self.max_side = int(max_side)
+        self.crop_scale = float(crop_scale)
+
+    @property
+    def cache_key(self) -> str:
+        return f"faces-v1-{self.face_detector.cache_key}-{self.mesh.cache_key}-side{self.max_side}-x{self.crop_scale:g}"
+
+    def _mesh_in_crop(self, rgb: np.ndarray, box: FaceBox) -> FaceLandmarks | None:
+        h, w = rgb.shape[:2]
+        side = self.crop_scale * max(box.x1 - box.x0, box.y1 - box.y0)
+        cx, cy = (box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2
+        x0, y0 = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
+        x1, y1 = min(w, int(np.ceil(cx + side / 2))), min(h, int(np.ceil(cy + side / 2)))
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        lm = self.mesh.detect(rgb[y0:y1, x0:x1])
+        if lm is None:
+            return None
+        px = lm.points * np.array([x1 - x0, y1 - y0], np.float32) + np.array([x0, y0], np.float32)
+        return FaceLandmarks(points=(px / np.array([w, h], np.float32)).astype(np.float32), scheme=lm.scheme,
+                             image_size=(w, h))
+
+    def find(self, image: Any, max_faces: int | None = None) -> list[tuple[FaceLandmarks, float]]:
+        """[(landmarks normalised to the image, detector score)] of every face, largest first."""
+        if max_faces is not None and (not isinstance(max_faces, (int, np.integer)) or max_faces < 1):
+            raise ValueError(f"max_faces must be a positive integer or None (every face), got {max_faces!r}")
+        if isinstance(image, (str, os.PathLike)):
+            rgb = load_image(image, max_side=self.max_side)
+        else:
+            rgb = as_rgb_array(image)
+            if max(rgb.shape[:2]) > self.max_side:
+                rgb = np.asarray(_downscale(Image.fromarray(rgb), self.max_side))
+        h, w = rgb.shape[:2]
+        candidates = self.face_detector.boxes(rgb)
+        faces: list[tuple[FaceLandmarks, float]] = []
+        boxes: list[FaceBox] = []
+
+        def accept(lm: FaceLandmarks | None, score: float, within: FaceBox | None) -> bool:
+            if lm is None:
+                return False
+            centre = lm.pixels().mean(axis=0)
+            if within is not None and not within.contains(float(centre[0]), float(centre[1]), grow=0.5):
+                return False  # FaceMesh found another face than the candidate
+            box = landmark_box(lm)
+            if any(box.iou(b) > 0.3 or b.contains(float(centre[0]), float(centre[1])) and box.area < b.area
+                   for b in boxes):
+                return False  # the same face again
+            faces.append((lm, score))
+            boxes.append(box)
+            return True
+
+        if len(candidates) == 1 and accept(self.mesh.detect(rgb), candidates[0].score, candidates[0]):
+            pass
+        else:
+            for cand in candidates:
+                accept(self._mesh_in_crop(rgb, cand), cand.score, cand)
+        if not faces:
+            accept(self.mesh.detect(rgb), float("nan"), None)
+        faces = _largest_first(faces)
+        return faces if max_faces is None else faces[:int(max_faces)]
+
+    def detect(self, image: np.ndarray) -> FaceLandmarks | None:
+        """The largest face's landmarks (normalised to the image), or None."""
+        faces = self.find(image, max_faces=1)
+        return faces[0][0] if faces else None
+
+    def close(self) -> None:
+        self.mesh.close()
+        self.face_detector.close()
+
+
+def _to_faces(found: Sequence[tuple[FaceLandmarks, float]], size: tuple[int, int]) -> list[Face]:
+    out = []
+    for i, (lm, score) in enumerate(found):
+        lm = FaceLandmarks(points=lm.points, scheme=lm.scheme, image_size=size)
+        b = landmark_box(lm)
+        box = (int(np.floor(max(0.0, b.x0))), int(np.floor(max(0.0, b.y0))),
+               int(np.ceil(min(size[0], b.x1))), int(np.ceil(min(size[1], b.y1))))
+        out.append(Face(index=i, box=box, landmarks=lm, score=float(score)))
+    return out
+
+
+def photo_size(image: Any) -> tuple[int, int]:
+    """(width, height) of a photo as it is shown (EXIF orientation applied), read from the header for files."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                w, h = im.size
+                if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    w, h = h, w
+                return int(w), int(h)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"not a readable image: {image}: {exc}") from None
+    if isinstance(image, Image.Image):
+        w, h = image.size
+        return (h, w) if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+    arr = as_rgb_array(image)
+    return int(arr.shape[1]), int(arr.shape[0])
+
+
+def _pack_faces(found: Sequence[tuple[FaceLandmarks, float]]) -> FaceLandmarks | None:
+    """Several faces as one cache entry: their points stacked (n * 478, 2), largest first."""
+    if not found:
+        return None
+    lm0 = found[0][0]
+    return FaceLandmarks(points=np.concatenate([lm.points for lm, _ in found]).astype(np.float32), scheme=lm0.scheme,
+                         image_size=lm0.image_size)
+
+
+def _unpack_faces(packed: FaceLandmarks | None) -> list[tuple[FaceLandmarks, float]]:
+    if packed is None:
+        return []
+    n = get_scheme(packed.scheme).num_points
+    return [(FaceLandmarks(points=packed.points[i:i + n], scheme=packed.scheme, image_size=packed.image_size),
+             float("nan")) for i in range(0, len(packed.points), n)]
+
+
+def detect_faces(image: np.ndarray | Image.Image | str | os.PathLike, max_faces: int | None = None,
+                 finder: FaceFinder | None = None, cache: "LandmarkCache | str | os.PathLike | None" = None
+                 ) -> list[Face]:
+    """Every face of a photo (array, PIL image or path), largest first, each with its landmarks and box in photo
+    coordinates; at most `max_faces` (None: all). An empty list when there is no face; ImageError if unreadable.
+
+    See `FaceFinder` for the method. With `cache`, the faces of a file or array are stored
+    under its content, so a rerun (or a resumed batch) never detects the same photo twice.
+    """
+    if max_faces is not None and (not isinstance(max_faces, (int, np.integer)) or isinstance(max_faces, bool)
+                                  or max_faces < 1):
+        raise ValueError(f"max_faces must be a positive integer or None (every face), got {max_faces!r}")
+    own = finder is None
+    finder = finder or FaceFinder()
+    try:
+        size = photo_size(image)
+        if cache is not None and not isinstance(cache, LandmarkCache):
+            cache = LandmarkCache(cache)
+        key = None
+        if cache is not None and not isinstance(image, Image.Image):
+            try:
+                key = content_key(image, finder.cache_key)
+            except OSError as exc:
+                raise ImageError(f"unreadable: {image}: {exc}") from None
+        rec = cache.get(key) if key is not None else None
+        if rec is not None:
+            found = _unpack_faces(rec.landmarks)
+        else:
+            found = finder.find(image)
+            if key is not None:
+                cache.put(key, _pack_faces(found), "" if found else "no face found by " + finder.cache_key,
+                          image_size=size)
+    finally:
+        if own:
+            finder.close()
+    faces = _to_faces(found, size)
+    return faces if max_faces is None else faces[:int(max_faces)]
 
 
 # --------------------------------------------------------------------------- cache
@@ -444,30 +837,67 @@ class LandmarkBatch:
 
 
 def content_key(image: np.ndarray | str | os.PathLike, detector_key: str) -> str:
-    """Cache key: hash of the file bytes (paths) or pixel bytes (arrays), plus the detector's key."""
+    """Cache key: hash of the file bytes (paths) or pixel bytes (arrays), plus the detector's key.
+
+    Files with an EXIF orientation other than 1 get a distinct key: entries cached before the
+    orientation was applied (landmarks of the sideways pixels) are never reused for them.
+    """
+    if isinstance(image, Image.Image):
+        image = as_rgb_array(image)
     if isinstance(image, (str, os.PathLike)):
         data = Path(image).read_bytes()
+        if _exif_rotated(image):
+            data += b"|exif-upright"
     else:
         arr = np.ascontiguousarray(image)
         data = arr.tobytes() + str(arr.shape).encode()
     return sha256_bytes(data + b"|" + detector_key.encode())[:40]
 
 
+def _exif_rotated(path: str | os.PathLike) -> bool:
+    """Whether a file carries an EXIF orientation other than 1 (header only; False if unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return im.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_image, not here
+        return False
+
+
+def as_image_sequence(images: Any) -> Any:
+    """A sequence of images from one image (path, PIL image, HxW / HxWxC array) or a sequence of them.
+
+    An array is one image when it is HxW or HxWx{1,3,4}, a sequence when it is NxHxWx{1,3,4}; any
+    other array is refused (a 3-D array of gray images is ambiguous: pass a list).
+    """
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray) or hasattr(images, "__array_interface__"):
+        arr = np.asarray(images)
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+            return [arr]
+        if arr.ndim == 4 and arr.shape[3] in (1, 3, 4):
+            return list(arr)
+        raise ImageError(f"cannot tell the images in an array of shape {arr.shape}: give one image (HxW or "
+                         f"HxWx3/4), a batch (NxHxWx3/4) or a list of images/paths")
+    return images
+
+
 def detect_landmarks(
-    images: Iterable[np.ndarray | str | os.PathLike],
+    images: Iterable[np.ndarray | str | os.PathLike] | np.ndarray | Image.Image | str | os.PathLike,
     detector: LandmarkDetector | None = None,
     cache: LandmarkCache | str | os.PathLike | None = None,
     progress: bool = True,
     desc: str = "landmarks",
     total: int | None = None,
 ) -> LandmarkBatch:
-    """Detect landmarks for many images, using and filling the cache.
+    """Detect landmarks for many images (or one: a path, PIL image or HxWx3 array), using and filling the cache.
 
     Never raises for a bad item: unreadable images and faces that are not found become
     records with `landmarks=None` and a reason; counts go into `stats`.
     """
     from tqdm.auto import tqdm
 
+    images = as_image_sequence(images)
     detector = detector or MediaPipeFaceMesh()
     if cache is not None and not isinstance(cache, LandmarkCache):
         cache = LandmarkCache(cache)
