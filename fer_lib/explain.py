@@ -53,9 +53,11 @@ codebook (the AUC of codebook AUs against the others).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -235,6 +237,8 @@ class AUEvidence:
     anchors: np.ndarray | None = None
     masks: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""
+    face: int = 0  # index of the face in its photo (0 = the largest)
+    box: tuple[int, int, int, int] | None = None  # the face's box (x0, y0, x1, y1) in photo pixels
 
     @property
     def predicted_name(self) -> str:
@@ -265,12 +269,14 @@ class AUEvidence:
         frame = pd.concat([self.table.astype({"rank": "Int64", "au": "Int64"}),
                            out.astype({"rank": "Int64", "au": "Int64"})], ignore_index=True)
         frame.insert(0, "region", [f"AU{a}" for a in self.table["au"]] + ["outside"])
+        frame.insert(0, "face", self.face)
         return frame
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: prediction, probabilities by class, map, threshold, AU rows, outside, summary."""
         return {
-            "source": self.source, "predicted": self.predicted_name, "explained_class": self.target_name,
+            "source": self.source, "face": self.face, "box": None if self.box is None else list(self.box),
+            "predicted": self.predicted_name, "explained_class": self.target_name,
             "probabilities": {c: float(p) for c, p in zip(self.class_names, self.probabilities)},
             "map": self.map_name, "threshold": self.threshold, "summary": self.summary,
             "aus": [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
@@ -329,14 +335,14 @@ def explanation_maps(model: nn.Module, images: torch.Tensor, map_name: str = ATT
                      scale: str = "minmax") -> tuple[np.ndarray, str]:
     """The explanation maps (B, H, W) at image size, non-negative, and their label ('attention:layer4', 'gradcam').
 
-    Attention: the tapped `layer`'s (default: last) mean over channels, bilinearly upsampled,
+    Attention: the tapped `layer`'s (default: the model's last tap) mean over channels, bilinearly upsampled,
     then min-max scaled ("minmax") or clamped at 0 ("relu"). CAMs: fer_lib.interpret.compute_cams
     for `class_ids` (already in [0, 1]).
     """
     map_name = check_map(map_name)
     check_choice("scale", scale, SCALE_MODES)
     if map_name == ATTENTION:
-        name = tapped_layers(model, layer if layer is not None else "last")[0]
+        name = tapped_layers(model, layer)[0] if layer is not None else list(model.tap_names)[-1]
         att = layer_attention_maps(model, images, [name])[name][:, 0].float()
         maps = minmax_scale(att) if scale == "minmax" else att.clamp_min(0.0)
         return maps.detach().cpu().numpy(), f"attention:{name}"
@@ -349,11 +355,13 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
                   layer: str | None = None, target: Any = "prediction", threshold: float = DEFAULT_THRESHOLD,
                   class_names: Sequence[str] | None = None, rgb: np.ndarray | None = None,
                   sources: Sequence[str] | None = None, scale: str = "minmax", max_aus: int = 2,
-                  aus: Iterable[int] = ALL_AUS) -> list[AUEvidence]:
+                  aus: Iterable[int] = ALL_AUS, timings: dict[str, float] | None = None) -> list[AUEvidence]:
     """Explain a batch of normalised images (B, 3, H, W) with their faces' anchors (B, A, 2).
 
     `target`: "prediction" (default), a class name, or class id(s). Every face needs finite
-    anchors (faces without landmarks have no AU regions: filter them first).
+    anchors (faces without landmarks have no AU regions: filter them first). `timings`, if
+    given, accumulates the seconds of the model's forward pass ("model") and of the maps and
+    tables ("explanation").
     """
     map_name = check_map(map_name)
     threshold = check_threshold(threshold)
@@ -366,9 +374,11 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
     model.eval()
     device = _model_device(model)
     x = images.to(device)
+    t0 = time.perf_counter()
     with torch.no_grad():
         logits = model.classify(x).float()
     probs = logits.softmax(dim=1).cpu()
+    t1 = time.perf_counter()
     preds = probs.argmax(dim=1)
     names = _class_names(model, probs.shape[1], class_names)
     targets = _resolve_targets(target, len(x), preds, names)
@@ -388,6 +398,9 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
                               summary=summary, threshold=threshold,
                               image=None if rgb is None else np.asarray(rgb[i]), anchors=anchors[i], masks=masks,
                               source="" if sources is None else str(sources[i])))
+    if timings is not None:
+        timings["model"] = timings.get("model", 0.0) + (t1 - t0)
+        timings["explanation"] = timings.get("explanation", 0.0) + (time.perf_counter() - t1)
     return out
 
 
@@ -407,73 +420,143 @@ def model_input(rgb: np.ndarray, anchors: np.ndarray | None, model: nn.Module) -
 
 @dataclass
 class ExplainedImage:
-    """The outcome for one input image: its AUEvidence, or why there is none (no face, unreadable)."""
+    """The outcome for one face of an input image: its AUEvidence, or why there is none (no face, unreadable).
+
+    A photo with several faces gives one ExplainedImage per face (`face` 0 = the largest,
+    `box` in photo pixels, `n_faces` in the photo); a photo without a face gives one with
+    `evidence=None` and `face=-1`.
+    """
 
     source: str
     evidence: AUEvidence | None
     error: str = ""
+    face: int = 0
+    box: tuple[int, int, int, int] | None = None
+    n_faces: int = 1
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.evidence is not None
 
 
-def explain_images(model: nn.Module, images: Sequence[Any], map_name: str = ATTENTION, layer: str | None = None,
+#: margin around each face box when a photo with several faces is cut into faces (crop_margin=None)
+FACE_MARGIN = 0.25
+
+
+def _photo_faces(item: Any, max_faces: int | None, finder: Any, cache: Any) -> tuple[np.ndarray, list[Any], list[str]]:
+    """(the photo upright as RGB, its faces largest first, notes on how it was read); ImageError if unreadable."""
+    from .landmarks import DETECT_MAX_SIDE, detect_faces, read_image
+
+    notes: list[str] = []
+    if isinstance(item, (str, os.PathLike)):
+        rgb, notes = read_image(item, max_side=DETECT_MAX_SIDE)
+    else:
+        rgb = as_rgb_array(item)
+    faces = detect_faces(item if isinstance(item, (str, os.PathLike)) else rgb, max_faces, finder, cache)
+    return rgb, faces, notes
+
+
+def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, layer: str | None = None,
                    target: Any = "prediction", threshold: float = DEFAULT_THRESHOLD,
                    detector: Any = None, cache: LandmarkCache | str | os.PathLike | None = None,
                    crop_margin: float | None = None, batch_size: int = 16, progress: bool = True,
-                   device: str | torch.device | None = None, max_aus: int = 2) -> list[ExplainedImage]:
-    """Explain image files / arrays: detect landmarks (MediaPipe FaceMesh), resize as the datasets do, explain.
+                   device: str | torch.device | None = None, max_aus: int = 2, max_faces: int | None = None,
+                   timings: dict[str, float] | None = None) -> list[ExplainedImage]:
+    """Explain every face of image files / arrays / PIL images (or one of them): find faces, resize as the datasets
+    do, explain.
 
-    Never raises for one bad item: unreadable files and faces not found come back with
-    `evidence=None` and the reason. `crop_margin` crops to the landmark box first (with that
-    margin); None feeds the whole image, as the datasets do.
+    Faces: `fer_lib.landmarks.detect_faces` (full-range face detector, then FaceMesh on each
+    face), largest first, at most `max_faces` per photo (None: all); a `detector` given (a
+    LandmarkDetector) instead finds one face per image. A photo with one face is fed whole
+    (`crop_margin=None`, as the datasets do) or cropped to the face with that margin; with
+    several faces each face is cropped (margin `crop_margin`, default FACE_MARGIN).
+    Never raises for one bad item: unreadable files and photos without a face come back with
+    `evidence=None` and the reason. `timings`, if given, accumulates seconds per step
+    ("landmarks", "model", "explanation").
     """
+    from tqdm.auto import tqdm
+
+    from .landmarks import FaceFinder, as_image_sequence
+
     map_name = check_map(map_name)
     threshold = check_threshold(threshold)
     if crop_margin is not None and not 0.0 <= float(crop_margin) <= 2.0:
         raise ConfigError(f"crop_margin must be in [0, 2] (a fraction of the face box) or None; got {crop_margin!r}")
-    images = list(images)
-    own_detector = detector is None
-    detector = detector or MediaPipeFaceMesh()
-    try:
+    if max_faces is not None and (not isinstance(max_faces, (int, np.integer)) or max_faces < 1):
+        raise ConfigError(f"max_faces must be a positive integer or None (every face), got {max_faces!r}")
+    images = list(as_image_sequence(images))
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    photos: list[tuple[str, Any, list[Any], list[str], str]] = []  # (source, rgb, faces, notes, error)
+    if detector is not None and not isinstance(detector, FaceFinder):
         batch = detect_landmarks(images, detector, cache, progress=progress, desc="landmarks")
-    finally:
-        if own_detector:
-            detector.close()
+        for i, (item, rec) in enumerate(zip(images, batch.records)):
+            faces = [] if rec.landmarks is None else [_single_face(rec.landmarks)]
+            photos.append((results_source(item, i), item, faces, [], rec.reason or "no face found"))
+    else:
+        finder = detector or FaceFinder()
+        try:
+            for i, item in enumerate(tqdm(images, desc="faces", disable=not progress)):
+                try:
+                    rgb, faces, notes = _photo_faces(item, max_faces, finder, cache)
+                    photos.append((results_source(item, i), rgb, faces, notes,
+                                   "" if faces else "no face found by " + finder.cache_key))
+                except ImageError as exc:
+                    photos.append((results_source(item, i), None, [], [], f"unreadable: {exc}"))
+        finally:
+            if detector is None:
+                finder.close()
+    timings["landmarks"] = timings.get("landmarks", 0.0) + time.perf_counter() - t0
     dev = resolve_device(device) if device is not None else _model_device(model)
     model = model.to(dev).eval()
-    results: list[ExplainedImage | None] = [None] * len(images)
+    results: list[ExplainedImage] = []
     ready: list[tuple[int, np.ndarray, np.ndarray, torch.Tensor]] = []
-    for i, (item, rec) in enumerate(zip(images, batch.records)):
-        source = str(item) if isinstance(item, (str, os.PathLike)) else f"array#{i}"
-        if rec.landmarks is None:
-            results[i] = ExplainedImage(source, None, rec.reason or "no face found")
+    for source, item, faces, notes, error in photos:
+        if not faces:
+            results.append(ExplainedImage(source, None, error, face=-1, n_faces=0, notes=notes))
             continue
         try:
             rgb = as_rgb_array(item)
-            lm = rec.landmarks
-            if crop_margin is not None:
-                rgb, lm = crop_to_face(rgb, lm, margin=float(crop_margin))
-            anchors = lm.anchors()
-            if not np.isfinite(anchors).all():
-                raise ImageError("landmarks without finite anchors")
-            arr, anchors, x = model_input(rgb, anchors, model)
         except ImageError as exc:
-            results[i] = ExplainedImage(source, None, f"unreadable: {exc}")
+            results.append(ExplainedImage(source, None, f"unreadable: {exc}", face=-1, n_faces=0, notes=notes))
             continue
-        ready.append((i, arr, anchors, x))
-    from tqdm.auto import tqdm
-
+        for face in faces:
+            res = ExplainedImage(source, None, face=face.index, box=face.box, n_faces=len(faces), notes=notes)
+            results.append(res)
+            try:
+                lm, face_rgb = face.landmarks, rgb
+                margin = crop_margin if crop_margin is not None or len(faces) == 1 else FACE_MARGIN
+                if margin is not None:
+                    face_rgb, lm = crop_to_face(rgb, lm, margin=float(margin))
+                anchors = lm.anchors()
+                if not np.isfinite(anchors).all():
+                    raise ImageError("landmarks without finite anchors")
+                arr, anchors, x = model_input(face_rgb, anchors, model)
+            except ImageError as exc:
+                res.error = f"unreadable: {exc}"
+                continue
+            ready.append((len(results) - 1, arr, anchors, x))
     chunks = [ready[s:s + batch_size] for s in range(0, len(ready), batch_size)]
     for chunk in tqdm(chunks, desc="explain", disable=not progress or not chunks, leave=False):
         idx = [c[0] for c in chunk]
         evs = explain_batch(model, torch.stack([c[3] for c in chunk]), np.stack([c[2] for c in chunk]), map_name,
                             layer, target, threshold, rgb=np.stack([c[1] for c in chunk]),
-                            sources=[results_source(images[i], i) for i in idx], max_aus=max_aus)
+                            sources=[results[i].source for i in idx], max_aus=max_aus, timings=timings)
         for i, ev in zip(idx, evs):
-            results[i] = ExplainedImage(ev.source, ev)
-    return [r for r in results if r is not None]
+            ev.face, ev.box = results[i].face, results[i].box
+            results[i].evidence = ev
+    return results
+
+
+def _single_face(landmarks: Any) -> Any:
+    """A one-face result of a single-face LandmarkDetector, in detect_faces' terms (index 0, its landmark box)."""
+    from .landmarks import Face, landmark_box
+
+    b = landmark_box(landmarks)
+    w, h = landmarks.image_size
+    box = (max(0, int(b.x0)), max(0, int(b.y0)), min(int(w), int(np.ceil(b.x1))), min(int(h), int(np.ceil(b.y1))))
+    return Face(index=0, box=box, landmarks=landmarks)
 
 
 def results_source(item: Any, index: int) -> str:
@@ -896,7 +979,7 @@ def evidence_figure(ev: AUEvidence, path: str | os.PathLike | None = None, show_
     axes[2].invert_yaxis()
     axes[2].set_xlabel("evidence = mass share / area share (1 = uniform)", fontsize=8)
     axes[2].set_title(f"AU evidence (orange: AUs of {ev.target_name} in the codebook)", fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(ev.summary, 120)), fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(f"face {ev.face}: {ev.summary}", 120)), fontsize=9)
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path)
@@ -1046,12 +1129,177 @@ def _stems(sources: Sequence[str]) -> list[str]:
     return out
 
 
+def expand_inputs(items: Sequence[str]) -> list[str]:
+    """Photo paths from files, folders (every image below, sorted) and glob patterns ('photos/**/*.jpg').
+
+    A plain path is kept even when it does not exist (it is then reported as unreadable); a
+    pattern that matches nothing raises ConfigError. Duplicates are dropped, order kept.
+    """
+    import glob
+
+    from .landmarks import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ConfigError(f"folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)}); give photos, "
+                                  f"folders of photos or glob patterns")
+            out += found
+        elif glob.has_magic(str(item)):
+            found = sorted(glob.glob(str(path), recursive=True))
+            files = [f for f in found if Path(f).is_file()]
+            files += [str(p) for d in found if Path(d).is_dir() for p in sorted(Path(d).rglob("*"))
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                raise ConfigError(f"no file matches {item!r}; give photos, folders of photos or glob patterns "
+                                  f"(quote them so that the shell does not expand them)")
+            out += files
+        else:
+            out.append(str(path))
+    return list(dict.fromkeys(out))
+
+
+#: columns of the batch summary (explain_summary.csv), one row per face (or per photo without one)
+SUMMARY_COLUMNS = ("photo", "face", "n_faces", "x0", "y0", "x1", "y1", "predicted", "probability", "top_aus",
+                   "summary", "status", "reason", "notes")
+
+
+def summary_rows(res: ExplainedImage, class_names: Sequence[str] | None = None, top: int = 3) -> dict[str, Any]:
+    """One batch-summary row: photo, face index, box, predicted class, probabilities (p_<class>), top AUs, status."""
+    box = res.box or (None, None, None, None)
+    row: dict[str, Any] = {"photo": res.source, "face": res.face if res.face >= 0 else None, "n_faces": res.n_faces,
+                           "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "predicted": None,
+                           "probability": None, "top_aus": "", "summary": "", "status": "explained" if res.ok else
+                           ("no_face" if res.face < 0 and "no face" in res.error else "failed"),
+                           "reason": res.error, "notes": "; ".join(res.notes)}
+    ev = res.evidence
+    if ev is not None:
+        chosen: list[str] = []
+        for r in ev.table.itertuples(index=False):
+            if len(chosen) >= top or not np.isfinite(r.evidence):
+                break
+            chosen.append(f"AU{int(r.au)}")
+        row.update(predicted=ev.predicted_name, probability=float(ev.probabilities[ev.predicted]),
+                   top_aus=" ".join(chosen), summary=ev.summary,
+                   **{f"p_{c}": float(p) for c, p in zip(ev.class_names, ev.probabilities)})
+    elif class_names:
+        row.update({f"p_{c}": None for c in class_names})
+    return row
+
+
+def faces_overview(photo: Any, results: Sequence[ExplainedImage], path: str | os.PathLike) -> Path:
+    """The photo with a box and a label ('0: happiness 0.91') per explained face, written atomically as PNG."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .utils import atomic_write_bytes
+
+    image = Image.fromarray(as_rgb_array(photo))
+    draw = ImageDraw.Draw(image)
+    width = max(2, round(max(image.size) / 400))
+    try:
+        font = ImageFont.load_default(size=max(12, round(max(image.size) / 60)))
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        font = ImageFont.load_default()
+    colours = ["#ff3030", "#30c030", "#3080ff", "#ffb000", "#c040ff", "#00c0c0"]
+    for res in results:
+        if res.box is None:
+            continue
+        colour = colours[res.face % len(colours)]
+        draw.rectangle(res.box, outline=colour, width=width)
+        label = f"{res.face}: " + (f"{res.evidence.predicted_name} {res.evidence.probabilities[res.evidence.predicted]:.2f}"
+                                   if res.evidence is not None else "not explained")
+        x, y = res.box[0], max(0, res.box[1] - font.size - 2 * width) if hasattr(font, "size") else res.box[1]
+        left, top, right, bottom = draw.textbbox((x, y), label, font=font)
+        if right > image.width:  # keep the label inside the photo
+            x, left, right = x - (right - image.width), left - (right - image.width), image.width
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+        draw.text((x, y), label, fill="white", font=font)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+class BatchJournal:
+    """What a batch has done so far, one JSON line per photo (fsynced), so an interrupted batch resumes.
+
+    A photo is done when its line is in the journal with the same size and modification time;
+    the journal belongs to one set of options (its first line holds their hash): other options
+    start a new one. A torn last line (a kill mid-write) is ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: Mapping[str, Any]) -> None:
+        from .utils import config_hash
+
+        self.path = Path(path)
+        self.options_hash = config_hash(dict(options))
+        self.done: dict[str, dict[str, Any]] = {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        header = _json_line(lines[0]) if lines else None
+        if header is None or header.get("options_hash") != self.options_hash:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"options_hash": self.options_hash, "options": dict(options)},
+                                            default=str) + "\n")
+            return
+        for line in lines[1:]:
+            entry = _json_line(line)
+            if entry is not None and "photo" in entry:
+                self.done[entry["photo"]] = entry
+
+    @staticmethod
+    def signature(photo: str) -> list[int] | None:
+        try:
+            st = os.stat(photo)
+        except OSError:
+            return None
+        return [int(st.st_size), int(st.st_mtime_ns)]
+
+    def finished(self, photo: str) -> dict[str, Any] | None:
+        """The journal entry of a photo done with the same file content (size, mtime), else None."""
+        entry = self.done.get(photo)
+        return entry if entry is not None and entry.get("signature") == self.signature(photo) else None
+
+    def record(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Append photos' entries and fsync, so a kill after this keeps them."""
+        with open(self.path, "a") as fh:
+            for entry in entries:
+                fh.write(json.dumps(entry, default=_json_safe) + "\n")
+                self.done[entry["photo"]] = entry
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _json_line(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (Path, tuple)):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m fer_lib.explain` argument parser."""
     p = argparse.ArgumentParser(prog="python -m fer_lib.explain",
-                                description="Explain expression predictions by action units: per-AU evidence, "
-                                            "an overlay figure and a table per image.")
-    p.add_argument("images", nargs="+", help="image files (any face photo; landmarks are detected)")
+                                description="Explain expression predictions by action units: per-AU evidence for "
+                                            "every face of every photo, an overlay figure and a table per face, and "
+                                            "one summary (CSV and JSON) for the whole batch; resumable.")
+    p.add_argument("images", nargs="+", help="photos, folders of photos (searched recursively) or glob patterns "
+                                             "(quoted, e.g. 'photos/**/*.jpg'); every face is explained")
     p.add_argument("--checkpoint", required=True,
                    help="a fer_lib checkpoint (best.pt of fer_lib.train, a shipped .safetensors) or a shipped name "
                         "(python -m fer_lib.checkpoints list), e.g. fer2013_lite0_guided")
@@ -1059,68 +1307,157 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a checkpoint that is not plain data (unpickles code): only for a file you made")
     p.add_argument("--cam", default=None, help=f"explain with a CAM instead of the layer attention; one of: "
                                                f"{', '.join(CAM_METHODS)}")
-    p.add_argument("--layer", default=None, help="tapped layer for attention / CAM (default: the last)")
+    p.add_argument("--layer", default=None, help="tapped layer for attention / CAM (default: the model's last tap)")
     p.add_argument("--target", default="prediction", help="class to explain: 'prediction' or a class name")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="AU region = au_map >= threshold")
     p.add_argument("--crop-margin", type=float, default=None,
-                   help="crop to the face's landmark box with this margin first (default: whole image)")
-    p.add_argument("--out", default="explanations", help="output folder (PNG, CSV, JSON per image)")
+                   help=f"crop to the face's landmark box with this margin first (default: the whole photo when it "
+                        f"has one face, each face with margin {FACE_MARGIN} when it has several)")
+    p.add_argument("--max-faces", type=int, default=None, help="explain at most this many faces per photo, largest "
+                                                               "first (default: every face)")
+    p.add_argument("--out", default="explanations", help="output folder (PNG, CSV, JSON per face; the batch summary)")
     p.add_argument("--cache", default=None, help="landmark cache folder (default: none)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--no-figure", action="store_true", help="write only the tables")
+    p.add_argument("--batch-size", type=int, default=16, help="photos explained (and journalled) together")
+    p.add_argument("--no-figure", action="store_true", help="write only the tables (no explanation or overview PNG)")
+    p.add_argument("--restart", action="store_true", help="ignore what an earlier run of this batch already did")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: explain each image; exit status = number of images that could not be explained (max 100)."""
-    args = build_parser().parse_args(argv)
-    try:
-        map_name = check_map(args.cam)
-        check_threshold(args.threshold)
-        from .models import load_checkpoint
+def _face_stem(stem: str, res: ExplainedImage) -> str:
+    return stem if res.n_faces <= 1 else f"{stem}_face{res.face}"
 
-        model, _ = load_checkpoint(args.checkpoint, map_location="cpu", trust=args.trust_checkpoint)
-        model = model.to(resolve_device(args.device)).eval()
-        if args.layer is not None:
-            tapped_layers(model, args.layer)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def explain_batch_files(args: argparse.Namespace) -> int:
+    """The body of `main`: explain every face of every photo, journal each group, write the batch summary."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    map_name = check_map(args.cam)
+    check_threshold(args.threshold)
+    if args.max_faces is not None and args.max_faces < 1:
+        raise ConfigError(f"--max-faces must be a positive integer (or left out for every face), got {args.max_faces}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.crop_margin is not None and not 0.0 <= args.crop_margin <= 2.0:
+        raise ConfigError(f"--crop-margin must be in [0, 2] (a fraction of the face box), got {args.crop_margin}")
+    photos = expand_inputs(args.images)
+    from .models import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint, map_location="cpu", trust=args.trust_checkpoint)
+    model = model.to(resolve_device(args.device)).eval()
+    if args.layer is not None:
+        tapped_layers(model, args.layer)
     import matplotlib
 
     matplotlib.use("Agg")
-    results = explain_images(model, args.images, map_name, args.layer, args.target, args.threshold,
-                             cache=args.cache, crop_margin=args.crop_margin, progress=False)
     out = Path(args.out)
-    failed = []
-    rows = []
-    for stem, res in zip(_stems([r.source for r in results]), results):
-        if res.evidence is None:
-            print(f"{res.source}: FAILED: {res.error}")
-            failed.append({"source": res.source, "reason": res.error})
-            continue
-        paths = res.evidence.save(out, stem, figure=not args.no_figure)
-        print(f"{res.source}: {res.evidence.summary}")
-        rows.append({"source": res.source, "summary": res.evidence.summary,
-                     **{k: str(v) for k, v in paths.items()}})
+    options = {"checkpoint": str(args.checkpoint), "map": map_name, "layer": args.layer, "target": args.target,
+               "threshold": args.threshold, "crop_margin": args.crop_margin, "max_faces": args.max_faces,
+               "figure": not args.no_figure}
+    journal_path = out / "explain_journal.jsonl"
+    if args.restart:
+        journal_path.unlink(missing_ok=True)
+    journal = BatchJournal(journal_path, options)
+    stems = dict(zip(photos, _stems(photos)))
+    todo = [p for p in photos if journal.finished(p) is None]
+    resumed = len(photos) - len(todo)
+    if resumed:
+        print(f"resuming: {resumed} of {len(photos)} photo(s) already done (see {journal_path}; --restart redoes them)")
+    timings = {"landmarks": 0.0, "model": 0.0, "explanation": 0.0, "writing": 0.0}
+    names = _class_names(model, int(model.config.get("num_classes") or 0), None)
+    wall = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="photos", unit="photo", disable=args.no_progress)
+    for start in range(0, len(todo), args.batch_size):
+        group = todo[start:start + args.batch_size]
+        results = explain_images(model, group, map_name, args.layer, args.target, args.threshold, cache=args.cache,
+                                 crop_margin=args.crop_margin, batch_size=16, progress=False,
+                                 max_faces=args.max_faces, timings=timings)
+        t0 = time.perf_counter()
+        entries: dict[str, dict[str, Any]] = {p: {"photo": p, "signature": BatchJournal.signature(p), "rows": [],
+                                                  "files": []} for p in group}
+        for res in results:
+            entry = entries[res.source]
+            entry["rows"].append(summary_rows(res, names))
+            if res.evidence is not None:
+                paths = res.evidence.save(out, _face_stem(stems[res.source], res), figure=not args.no_figure)
+                entry["files"] += [str(p) for p in paths.values()]
+        if not args.no_figure:
+            for photo in group:
+                faces = [r for r in results if r.source == photo and r.box is not None]
+                if faces:
+                    try:
+                        rgb = explain_photo_rgb(photo)
+                    except ImageError:
+                        continue
+                    path = faces_overview(rgb, faces, out / f"{stems[photo]}_faces.png")
+                    entries[photo]["files"].append(str(path))
+        timings["writing"] += time.perf_counter() - t0
+        journal.record(list(entries.values()))
+        bar.update(len(group))
+    bar.close()
+    elapsed = time.perf_counter() - wall
+    rows = [row for p in photos for row in (journal.finished(p) or {"rows": []})["rows"]]
+    for row in rows:
+        if row["status"] == "explained":
+            print(f"{row['photo']} [face {row['face']}]: {row['summary']}")
+        else:
+            print(f"{row['photo']}: FAILED: {row['reason']}")
+    frame = pd.DataFrame(rows)
+    cols = list(SUMMARY_COLUMNS[:9]) + [c for c in frame.columns if c.startswith("p_")] + list(SUMMARY_COLUMNS[9:])
+    frame = frame.reindex(columns=cols)
+    atomic_write_csv(out / "explain_summary.csv", frame)
+    explained_photos = sorted({r["photo"] for r in rows if r["status"] == "explained"})
+    failed = [{"source": r["photo"], "reason": r["reason"]} for r in rows if r["face"] is None]
+    n_faces = sum(r["status"] == "explained" for r in rows)
+    done_now = len(todo)
+    faces_now = sum(r["status"] == "explained" for p in todo for r in (journal.finished(p) or {"rows": []})["rows"])
+    speed = {"photos": done_now, "faces": faces_now, "wall_s": elapsed,
+             "photos_per_s": done_now / elapsed if elapsed > 0 else None,
+             "faces_per_s": faces_now / elapsed if elapsed > 0 else None, "seconds": timings}
     atomic_write_json(out / "explain_summary.json", {
-        "run": run_info({"checkpoint": str(args.checkpoint), "map": map_name, "layer": args.layer,
-                         "target": args.target, "threshold": args.threshold, "crop_margin": args.crop_margin}),
-        "n_images": len(results), "n_explained": len(rows), "n_failed": len(failed),
-        "explained": rows, "failed": failed})
+        "run": run_info(options), "n_images": len(photos), "n_explained": len(explained_photos),
+        "n_faces": n_faces, "n_failed": len(failed), "resumed": resumed,
+        "explained": [{"source": r["photo"], "face": r["face"], "box": [r["x0"], r["y0"], r["x1"], r["y1"]],
+                       "predicted": r["predicted"], "probability": r["probability"], "top_aus": r["top_aus"],
+                       "summary": r["summary"]} for r in rows if r["status"] == "explained"],
+        "failed": failed, "speed": speed, "rows": rows})
+    if done_now:
+        print(f"{done_now} photo(s), {faces_now} face(s) in {elapsed:.1f} s: {speed['photos_per_s']:.2f} photos/s, "
+              f"{speed['faces_per_s']:.2f} faces/s (landmarks {timings['landmarks']:.1f} s, model "
+              f"{timings['model']:.1f} s, explanation {timings['explanation']:.1f} s, writing {timings['writing']:.1f} s)")
     if failed:
-        print(f"{len(failed)} of {len(results)} image(s) could not be explained (see {out / 'explain_summary.json'})",
+        print(f"{len(failed)} of {len(photos)} photo(s) could not be explained (see {out / 'explain_summary.csv'})",
               file=sys.stderr)
     return min(len(failed), 100)
 
 
+def explain_photo_rgb(photo: Any) -> np.ndarray:
+    """A photo as explain reads it for detection: upright, at most DETECT_MAX_SIDE on its longer side."""
+    from .landmarks import DETECT_MAX_SIDE, load_image
+
+    return load_image(photo, max_side=DETECT_MAX_SIDE) if isinstance(photo, (str, os.PathLike)) else as_rgb_array(photo)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: explain every face of each photo; exit status = number of photos that could not be explained
+    (max 100), or 2 for an error in the options, the checkpoint or the output folder (one line, no traceback)."""
+    from .utils import run_cli
+
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: explain_batch_files(args), args.debug, user_errors=(FileNotFoundError, ValueError))
+
+
 __all__ = [
-    "ATTENTION", "AUEvidence", "CURVE_ORDERS", "DEFAULT_THRESHOLD", "DELETIONS", "DeletionResult", "EvidenceReport",
+    "ATTENTION", "AUEvidence", "BatchJournal", "CURVE_ORDERS", "FACE_MARGIN", "SUMMARY_COLUMNS", "DEFAULT_THRESHOLD", "DELETIONS", "DeletionResult", "EvidenceReport",
     "ExplainedImage", "FILL_MODES", "MAP_CHOICES", "SCALE_MODES", "SCORE_KINDS", "TABLE_COLUMNS",
     "au_evidence_table", "au_region_masks", "build_parser", "check_map", "check_threshold", "class_evidence",
     "codebook_agreement", "codebook_figure", "curve_summary", "deletion_figure", "deletion_summary", "deletion_test",
-    "evaluate_dataset", "evidence_figure", "explain_batch", "explain_images", "explanation_maps", "fill_image",
-    "main", "model_input", "region_groups", "spearman_figure", "spearman_summary", "summarise", "train_pair",
+    "evaluate_dataset", "evidence_figure", "expand_inputs", "explain_batch", "explain_images", "faces_overview", "explanation_maps", "fill_image",
+    "main", "model_input", "region_groups", "spearman_figure", "spearman_summary", "summarise", "summary_rows",
+    "train_pair",
 ]
 
 if __name__ == "__main__":

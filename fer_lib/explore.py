@@ -32,7 +32,7 @@ from torch import nn
 from . import au
 from .interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalise, layer_attention_maps,
                         resolve_device, tapped_layers)
-from .landmarks import FaceLandmarks, MediaPipeFaceMesh, as_rgb_array, crop_to_face
+from .landmarks import DETECT_MAX_SIDE, FaceFinder, FaceLandmarks, as_rgb_array, crop_to_face, detect_faces, load_image
 from .metrics import map_cosine
 from .checkpoints import resolve_checkpoint
 from .models import TappedModel, input_tensor, load_checkpoint
@@ -42,7 +42,7 @@ from .utils import ConfigError
 #: CAM shown by default: works for CNNs and transformers alike
 DEFAULT_CAM = "gradcam"
 _MODEL_CACHE: dict[tuple[str, float, str], TappedModel] = {}
-_DETECTOR: MediaPipeFaceMesh | None = None
+_DETECTOR: FaceFinder | None = None
 
 
 @dataclass
@@ -64,6 +64,9 @@ class Exploration:
     label: int | None = None               # true class, when known (dataset samples)
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    face: int = 0                          # index of the face in the photo (0 = the largest)
+    box: tuple[int, int, int, int] | None = None  # the face's box (x0, y0, x1, y1) in photo pixels
+    faces: list["Exploration"] = field(default_factory=list)  # every face of the photo (this one included)
 
     @property
     def predicted_name(self) -> str:
@@ -85,7 +88,8 @@ class Exploration:
         def num(v: float) -> float | None:
             return None if v is None or not math.isfinite(v) else round(float(v), 4)
 
-        return {"source": self.source, "predicted": self.predicted_name,
+        return {"source": self.source, "face": self.face, "box": None if self.box is None else list(self.box),
+                "predicted": self.predicted_name,
                 "label": None if self.label is None else self.class_names[self.label],
                 "explained": self.explained_name,
                 "probabilities": {n: round(float(p), 4) for n, p in zip(self.class_names, self.probabilities)},
@@ -124,10 +128,11 @@ def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | 
     return _MODEL_CACHE[key]
 
 
-def _detector() -> MediaPipeFaceMesh:
+def _detector() -> FaceFinder:
+    """The shared face finder (every face; `detect` gives the largest, the rule where one face is wanted)."""
     global _DETECTOR
     if _DETECTOR is None:
-        _DETECTOR = MediaPipeFaceMesh()
+        _DETECTOR = FaceFinder()
     return _DETECTOR
 
 
@@ -143,7 +148,7 @@ def prepare_image(image: Any, image_size: int, crop_face: bool = True, detector:
                   ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(S x S RGB uint8 input, anchors normalised on it or None, notes) for a path / array / PIL image.
 
-    Landmarks: detected with `detector` (default MediaPipe FaceMesh) unless given (a
+    Landmarks: detected with `detector` (default: the largest face of fer_lib.landmarks.FaceFinder) unless given (a
     FaceLandmarks or anchors normalised on `image`) or `landmarks=False` (no AU map). With
     `crop_face`, the image is cropped to the face box plus `margin` first (the aligned-crop
     setting models are trained on); then it is resized to S x S like the datasets do.
@@ -302,28 +307,111 @@ def plot_exploration(result: Exploration, alpha: float = 0.5, cmap: str = "jet",
     return fig
 
 
+def plot_faces(photo: np.ndarray, results: Sequence[Exploration], alpha: float = 0.5, cmap: str = "jet",
+               panel: float = 2.6, path: str | os.PathLike | None = None) -> Any:
+    """A photo with several faces: an overview (a box and a label per face), then one row of panels per face."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = 4 + max(len(r.attention) for r in results)
+    rows = 1 + len(results)
+    fig = plt.figure(figsize=(panel * n, panel * 1.25 * rows))
+    grid = fig.add_gridspec(rows, n, width_ratios=[1, 1.3] + [1] * (n - 2))
+    ax = fig.add_subplot(grid[0, :])
+    ax.set_label("faces")
+    ax.imshow(photo)
+    colours = plt.get_cmap("tab10")
+    for r in results:
+        if r.box is None:
+            continue
+        x0, y0, x1, y1 = r.box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colours(r.face % 10), lw=2))
+        ax.text(x0, y0, f"{r.face}: {r.predicted_name} {r.probabilities[r.predicted]:.2f}", fontsize=8, va="bottom",
+                color="white", bbox={"facecolor": colours(r.face % 10), "pad": 1, "lw": 0})
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{len(results)} faces", fontsize=9)
+    for i, r in enumerate(results, start=1):
+        sub = plot_exploration(r, alpha=alpha, cmap=cmap, panel=panel)
+        for j, src in enumerate(sub.axes):
+            dst = fig.add_subplot(grid[i, j])
+            dst.set_label(f"face{r.face}:{src.get_label()}")
+            for image in src.get_images():
+                dst.imshow(image.get_array(), cmap=image.get_cmap(), alpha=image.get_alpha(),
+                           vmin=image.norm.vmin, vmax=image.norm.vmax)
+            for coll in src.collections:
+                offsets = coll.get_offsets()
+                if len(offsets):
+                    dst.scatter(offsets[:, 0], offsets[:, 1], s=6, c="red")
+            for bar in src.patches:
+                dst.barh(bar.get_y() + bar.get_height() / 2, bar.get_width(), height=bar.get_height(),
+                         color=bar.get_facecolor())
+            if src.patches:
+                dst.set_yticks(src.get_yticks(), [t.get_text() for t in src.get_yticklabels()], fontsize=7)
+                dst.set_xlim(0, 1)
+                dst.invert_yaxis()
+            else:
+                dst.set_xticks([])
+                dst.set_yticks([])
+            title = src.get_title()
+            dst.set_title(f"face {r.face}: {title}" if j == 0 else title, fontsize=8)
+        plt.close(sub)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
 # ----------------------------------------------------------------------------- one-call entry points
 def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: str = DEFAULT_CAM,
             layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
             crop_face: bool = True, landmarks: FaceLandmarks | np.ndarray | bool | None = None,
             detector: Any = None, device: str | torch.device | None = None, cam_layer: str | None = None,
             path: str | os.PathLike | None = None, alpha: float = 0.5, cmap: str = "jet",
-            trust: bool = False) -> tuple[Any, Exploration]:
-    """Explain one image (path, array or PIL) with a checkpoint (path, shipped name or model): returns
-    (Figure, Exploration).
+            trust: bool = False, max_faces: int | None = None) -> tuple[Any, Exploration]:
+    """Explain every face of one image (path, array or PIL) with a checkpoint (path, shipped name or model): returns
+    (Figure, Exploration of the largest face), that Exploration's `faces` listing every face's.
 
     `cam`: one of fer_lib.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
     show (default all); `target`: the class the AU map and CAM are for (default the
     prediction; a class name or index); `path` also saves the figure; `trust`: see load_model.
+    Faces are found by fer_lib.landmarks.detect_faces (at most `max_faces`, largest first);
+    a photo with several faces gets an overview (a box and label per face) and one row of
+    panels per face, each face cropped. Given `landmarks` or a `detector` explain one face.
     """
     check_cam_methods([cam])
     model = load_model(checkpoint, device, trust=trust)
-    rgb, anchors, notes = prepare_image(image, int(model.config["image_size"]), crop_face=crop_face,
-                                        detector=detector, landmarks=landmarks)
+    size = int(model.config["image_size"])
     source = Path(image).name if isinstance(image, (str, os.PathLike)) else "array"
-    result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
-                           notes=notes, source=source)
-    return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+    photo = load_image(image, max_side=DETECT_MAX_SIDE) if isinstance(image, (str, os.PathLike)) else as_rgb_array(image)
+    faces = None
+    if detector is None and (landmarks is None or landmarks is True):
+        faces = detect_faces(photo, max_faces, _detector())
+    if faces is None or len(faces) <= 1:
+        given = faces[0].landmarks if faces else landmarks
+        if faces == []:
+            given = False
+        rgb, anchors, notes = prepare_image(photo, size, crop_face=crop_face, detector=detector, landmarks=given)
+        if faces == []:
+            notes = ["no face found by the landmark detector: no AU map" + (", image not cropped" if crop_face else "")]
+        result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
+                               notes=notes, source=source)
+        if faces:
+            result.box = faces[0].box
+        result.faces = [result]
+        return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+    results = []
+    for face in faces:
+        rgb, anchors, notes = prepare_image(photo, size, crop_face=True, landmarks=face.landmarks)
+        if not crop_face:
+            notes.append("several faces: each face is cropped")
+        res = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
+                            notes=notes, source=f"{source} face {face.index}")
+        res.face, res.box = face.index, face.box
+        results.append(res)
+    for res in results:
+        res.faces = results
+    return plot_faces(photo, results, alpha=alpha, cmap=cmap, path=path), results[0]
 
 
 def dataset_sample(dataset: Any, index: int, image_size: int | None = None
@@ -418,5 +506,54 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
 
 
 __all__ = ["CAM_METHODS", "DEFAULT_CAM", "Exploration", "dataset_sample", "explain_input", "explore",
-           "explore_sample", "ipywidgets_available", "load_model", "plot_exploration", "prepare_image",
-           "sample_slider", "to_input"]
+           "explore_sample", "ipywidgets_available", "load_model", "main", "plot_exploration", "plot_faces",
+           "prepare_image", "sample_slider", "to_input"]
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m fer_lib.explore CHECKPOINT IMAGE --out fig.png`: the figure of `explore` for every face, and each
+    face's numbers as JSON; errors print one line and exit 2 (--debug adds the traceback)."""
+    import argparse
+    import json
+
+    from .utils import atomic_write_json, run_cli
+
+    p = argparse.ArgumentParser(prog="python -m fer_lib.explore", description=main.__doc__.split(":")[0])
+    p.add_argument("checkpoint", help="a fer_lib checkpoint or a shipped name (python -m fer_lib.checkpoints list)")
+    p.add_argument("image", help="a photo; every face in it is explored")
+    p.add_argument("--cam", default=DEFAULT_CAM, help=f"one of: {', '.join(CAM_METHODS)}")
+    p.add_argument("--layers", default=None, help="tapped layers whose attention is shown (default: all)")
+    p.add_argument("--target", default=None, help="class the AU map and CAM explain (default: the prediction)")
+    p.add_argument("--max-faces", type=int, default=None, help="at most this many faces, largest first")
+    p.add_argument("--no-crop", action="store_true", help="feed a one-face photo whole instead of its face crop")
+    p.add_argument("--out", default="explore.png", help="the figure (PNG); the numbers go beside it as .json")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow a checkpoint that is not plain data")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        if args.max_faces is not None and args.max_faces < 1:
+            raise ConfigError(f"--max-faces must be a positive integer, got {args.max_faces}")
+        out = Path(args.out)
+        fig, result = explore(args.checkpoint, args.image, cam=args.cam, layers=args.layers, target=args.target,
+                              crop_face=not args.no_crop, device=args.device, path=out, trust=args.trust_checkpoint,
+                              max_faces=args.max_faces)
+        summaries = [r.summary() for r in result.faces]
+        atomic_write_json(out.with_suffix(".json"), {"image": str(args.image), "faces": summaries})
+        for r in summaries:
+            print(json.dumps(r))
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+        return 0
+
+    return run_cli(body, args.debug, user_errors=(FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
