@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .utils import ConfigError, atomic_write_json, check_choice, run_info
+from .utils import ConfigError, UserError, atomic_write_json, check_choice, run_cli, run_info
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
 DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
@@ -38,7 +38,7 @@ DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
 MAX_LISTED_SKIPPED = 50
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """The checkpoint or the data cannot be evaluated (the message says why and what is accepted)."""
 
 
@@ -169,6 +169,7 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
               "batch_size": batch_size, "landmarks": landmarks, "seed": seed, "device": str(dev)}
     model, ckpt = _load_model(checkpoint, trust=trust)
     mc = dict(model.config)
+    check_cams_run(model, [m for m in methods if m != "cam"])  # before reading any data: fail in seconds, not hours
     ds, name, split_used = load_eval_dataset(mc, ckpt.get("config"), data, dataset, split, landmarks, cache_dir,
                                              seed, progress, dataset_kwargs)
     config.update(dataset=name, split=split_used)
@@ -216,6 +217,22 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
     result["cam_methods"] = methods
     result["cam_methods_dropped"] = dropped
     return result
+
+
+def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:
+    """Run each CAM method once on a blank input, so a method this model cannot use fails before any data is read."""
+    from .interpret import compute_cams
+
+    size = int(model.config.get("image_size") or 112)
+    x = torch.zeros(1, int(model.config.get("in_chans") or 3), size, size)
+    for method in methods:
+        try:
+            compute_cams(model.eval(), x, method, torch.zeros(1, dtype=torch.long))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here means this method cannot run on this model
+            raise EvaluationError(f"CAM method {method!r} cannot run on this model ({type(exc).__name__}: {exc}); "
+                                  f"choose other --cam-methods or 'none'") from exc
 
 
 def _has_own_cam(model: torch.nn.Module) -> bool:
@@ -381,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", default=None, help="JSON file (default <run>/evaluate/<dataset>-<split>-<ckpt>.json)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -388,20 +406,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: evaluate, write the JSON atomically, print the table; exit 2 on bad input."""
     args = build_parser().parse_args(argv)
     cams = None if args.cam_methods.strip().lower() in ("", "none") else args.cam_methods
-    try:
+
+    def body() -> int:
         result = evaluate_checkpoint_on_data(
             args.checkpoint, args.data, args.dataset, args.split, cams,
             cam_samples=None if args.cam_samples == 0 else args.cam_samples, max_samples=args.max_samples,
             batch_size=args.batch_size, landmarks=args.landmarks, cache_dir=args.cache_dir, seed=args.seed,
             device=args.device, progress=not args.no_progress, trust=args.trust_checkpoint)
-    except (ConfigError, EvaluationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else default_output(args.checkpoint, result["dataset"], result["split"])
-    atomic_write_json(out, result)
-    print(format_table(result))
-    print(f"\nwrote {out}")
-    return 0
+        out = Path(args.out) if args.out else default_output(args.checkpoint, result["dataset"], result["split"])
+        atomic_write_json(out, result)
+        print(format_table(result))
+        print(f"\nwrote {out}")
+        return 0
+
+    return run_cli(body, args.debug, user_errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -170,13 +170,14 @@ class LogitsOnly(nn.Module):
 
 
 def cam_target_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
-    """The module whose activations a grad-cam method weighs: the tapped layer (default: last).
+    """The module whose activations a grad-cam method weighs: the tapped `layer` (default: the model's last tap,
+    so a model trained with --layers 4 gets its CAMs from stage 4 instead of an error).
 
     For a transformer block (timm `Block`, with `norm1` and `attn`) this is the block's
     `norm1`, as pytorch-grad-cam recommends for ViTs: with class-token pooling the last
     block's output patch tokens get no gradient, its input tokens do.
     """
-    name = tapped_layers(model, layer if layer is not None else "last")[0]
+    name = tapped_layers(model, layer)[0] if layer is not None else list(model.tap_names)[-1]
     module = model.tap_modules()[list(model.tap_names).index(name)]
     if hasattr(module, "norm1") and hasattr(module, "attn"):
         return module.norm1

@@ -27,11 +27,13 @@ skips the batch on every rank (nan_policy="skip").
 from __future__ import annotations
 
 import argparse
+import errno
 import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -52,8 +54,8 @@ from .metrics import classification_metrics, map_cosine, protocol_note
 from .checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
 from .models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
                      pretrained_normalisation, resolve_layers)
-from .utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice,
-                    run_info, seed_everything)
+from .utils import (ConfigError, UserError, atomic_path, atomic_write_csv, atomic_write_json,
+                    check_choice, run_cli, run_info, seed_everything)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "none")
@@ -64,11 +66,11 @@ NAN_POLICIES = ("stop", "skip")
 _IDENTITY_IGNORED = ("out_dir", "num_workers", "trust_checkpoint")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live process is training into the same out_dir."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN/inf with nan_policy='stop'."""
 
 
@@ -395,8 +397,29 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, s
         "run": run_info(config.to_dict()),
         "metrics": metrics,
     }
-    with atomic_path(path) as tmp:
-        torch.save(to_plain(ckpt), tmp)  # plain data: loads with weights_only=True
+    with atomic_path(path) as tmp:  # the previous checkpoint stays intact if this write fails
+        try:
+            torch.save(to_plain(ckpt), tmp)  # plain data: loads with weights_only=True
+        except RuntimeError as exc:
+            raise checkpoint_write_error(path, exc) from exc
+
+
+def checkpoint_write_error(path: Path, exc: RuntimeError) -> Exception:
+    """torch's zip writer reports a failed write (a full disk) as a RuntimeError ('unexpected pos ...'):
+    turn that into an OSError naming the checkpoint (ENOSPC when the disk has under 64 MB left)."""
+    text = str(exc)
+    if "unexpected pos" not in text and "PytorchStreamWriter" not in text and "write" not in text.lower():
+        return exc
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free) while writing the "
+                                     f"checkpoint", str(path))
+    first = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return OSError(errno.EIO, f"writing the checkpoint failed ({first[:200]}); check the disk's free space and "
+                              f"file size limits", str(path))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -628,9 +651,10 @@ def train(config: TrainConfig, datasets: dict[str, Dataset] | None = None) -> di
                 lock_cm = run_lock(out_dir)
                 lock_cm.__enter__()
                 _check_run_identity(out_dir, config)
-            except (RunLockedError, ConfigError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a full disk here too: the lock must be released
                 if lock_cm is not None and not isinstance(exc, RunLockedError):
                     lock_cm.__exit__(None, None, None)
+                    lock_cm = None
                 error = exc
         error = _broadcast_object(ctx, error)
         if error is not None:
@@ -843,18 +867,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: parse flags into a TrainConfig, train, print the test summary."""
-    args = build_parser().parse_args(argv)
-    try:
-        config = TrainConfig(**vars(args))
+    """Command-line entry: parse flags into a TrainConfig, train, print the test summary.
+
+    The project's errors (configuration, dataset layout, labels, a locked run, a NaN loss) and
+    OS errors (a full disk: the previous checkpoint is kept and the run lock released) print
+    one line and exit 2; --debug adds the traceback.
+    """
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+
+    def body() -> int:
+        config = TrainConfig(**args)
         results = train(config)
-    except (ConfigError, RunLockedError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        summary = {k: results.get(split, {}).get(k) for split in ("test",) for k in ("accuracy", "macro_f1", "att_cos_mean")}
-        print(json.dumps({"out_dir": config.out_dir, "best_epoch": results["best_epoch"], "test": summary}))
-    return 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            summary = {k: results.get(split, {}).get(k) for split in ("test",)
+                       for k in ("accuracy", "macro_f1", "att_cos_mean")}
+            print(json.dumps({"out_dir": config.out_dir, "best_epoch": results["best_epoch"], "test": summary}))
+        return 0
+
+    return run_cli(body, debug)
 
 
 if __name__ == "__main__":
