@@ -232,19 +232,48 @@ def landmark_error_report(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     return report
 
 
+def attach_dataset_landmarks(records: Sequence[Record]) -> int:
+    """Anchors from a dataset's own landmarks (`meta['landmarks_px']` in pixels, `meta['landmark_scheme']`, e.g.
+    AffectNet's 68 points through the dlib-68 scheme); returns how many records got them."""
+    from ..landmarks import get_scheme, photo_size
+
+    n = 0
+    for r in records:
+        points = r.meta.get("landmarks_px")
+        if points is None:
+            continue
+        size = (r.image.shape[1], r.image.shape[0]) if r.image is not None else photo_size(r.path)
+        norm = np.asarray(points, np.float32) / np.asarray(size, np.float32)
+        r.anchors = get_scheme(str(r.meta.get("landmark_scheme", "dlib68"))).to_anchors(norm)
+        r.has_landmarks = bool(np.isfinite(r.anchors).all())
+        r.meta["landmark_source"] = "dataset"
+        n += int(r.has_landmarks)
+    return n
+
+
 def attach_detected_landmarks(records: Sequence[Record], cache_dir: str | os.PathLike | None = None,
                               progress: bool = True, detector=None) -> dict[str, Any]:
-    """Run the landmark detector (through the on-disk cache) and store anchors on the records."""
+    """Store anchors on the records: the dataset's own landmarks where it has them (AffectNet), else the landmark
+    detector's (through the on-disk cache)."""
+    own = attach_dataset_landmarks(records)
+    todo = [r for r in records if not (r.has_landmarks and r.meta.get("landmark_source") == "dataset")]
     cache = LandmarkCache(Path(cache_dir) if cache_dir is not None else REPO_ROOT / ".cache" / "landmarks")
-    items = [r.image if r.image is not None else r.path for r in records]
-    batch = detect_landmarks(items, detector or MediaPipeFaceMesh(), cache, progress=progress, total=len(items))
+    items = [r.image if r.image is not None else r.path for r in todo]
+    batch = detect_landmarks(items, detector or MediaPipeFaceMesh(), cache, progress=progress and bool(items),
+                             total=len(items))
     anchors, found = batch.anchors()
-    for r, a, f, rec in zip(records, anchors, found, batch.records):
+    for r, a, f, rec in zip(todo, anchors, found, batch.records):
         r.anchors = a if f else None
         r.has_landmarks = bool(f)
         if not f:
             r.meta["landmark_reason"] = rec.reason
-    return {**batch.stats, "detection_rate": batch.detection_rate()}
+    stats = dict(batch.stats)
+    if own:
+        stats["dataset_landmarks"] = own
+        stats["found"] = stats.get("found", 0) + own
+        stats["total"] = stats.get("total", 0) + own
+    rate = sum(r.has_landmarks for r in records) / max(1, len(records))
+    return {**stats, "detection_rate": rate}
 
 
 def _limit_per_class(records: list[Record], max_per_class: int | dict[str, int] | None, seed: int) -> list[Record]:
@@ -321,8 +350,9 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
                    **dataset_kwargs: Any) -> dict[str, FERDataset]:
     """Build {split: FERDataset} for a named dataset; train is augmented when `augment`.
 
-    name: one of DATASETS. landmarks: "detect" (MediaPipe FaceMesh through the cache in
-    `cache_dir`, default .cache/landmarks), "ground_truth" (synthetic only) or "none".
+    name: one of DATASETS. landmarks: "detect" (the dataset's own landmarks where it ships them,
+    as AffectNet's 68 points, else MediaPipe FaceMesh through the cache in `cache_dir`, default
+    .cache/landmarks), "ground_truth" (synthetic only) or "none".
     Loader options (val_fraction, num_classes, class_names, ...), synthetic options
     (n_per_class, spurious_p, spurious_eval, ...) and common options (max_per_class,
     output_dir for skipped/landmark reports, mean, std, augment_config, progress,

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..au import EXPRESSIONS
 from ..landmarks import IMAGE_EXTENSIONS
+from ..utils import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -65,11 +66,11 @@ SPLIT_NAMES: dict[str, str] = {
 }
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset root that does not have the expected layout (the message describes it)."""
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label that no mapping table knows (the message lists the accepted ones)."""
 
 
@@ -242,9 +243,84 @@ AFFECTNET_LAYOUT = ("<root>/training.csv and <root>/validation.csv (or under <ro
                     "(or <root>/ itself) at subDirectory_filePath")
 
 
+AFFECTNET_NPY_LAYOUT = ("<root>/train_set/ and <root>/val_set/, each with images/<id>.jpg and "
+                        "annotations/<id>_exp.npy (expression id 0-7), <id>_val.npy, <id>_aro.npy (valence, arousal) "
+                        "and <id>_lnd.npy (68 landmarks, x,y in image pixels)")
+
+
+def _npy_value(path: Path) -> np.ndarray:
+    """The numbers of one AffectNet annotation file (stored as numbers or as numeric strings)."""
+    value = np.load(path, allow_pickle=False)
+    return np.asarray(value).astype(np.float64).reshape(-1)
+
+
+def load_affectnet_npy(root: Path, num_classes: int = 7, val_fraction: float = 0.1, seed: int = 0,
+                       check_files: bool = True) -> DatasetIndex:
+    """AffectNet as distributed now: train_set/ -> train (+ val carved out), val_set/ -> test, one .npy per label.
+
+    Each record keeps valence and arousal (`meta['valence']`, `meta['arousal']`) and the
+    dataset's own 68 landmarks (`meta['landmarks_px']`, dlib/iBUG order, pixels), which
+    build_datasets uses through the dlib-68 scheme instead of detecting landmarks.
+    Expression ids 8-10 and (with `num_classes=7`) contempt are skipped and counted; an
+    image without its _exp.npy, or an unreadable annotation, is listed in `skipped`.
+    """
+    class_names = EXPRESSIONS if num_classes == 7 else EXPRESSIONS_8
+    records: list[Record] = []
+    skipped: list[tuple[str, str, str]] = []
+    skipped_labels: Counter = Counter()
+    without_landmarks = 0
+    for folder, split in (("train_set", "train"), ("val_set", "test")):
+        base = root / folder
+        if not base.is_dir():
+            if split == "train":
+                raise DatasetLayoutError(f"AffectNet folder {base} not found; expected {AFFECTNET_NPY_LAYOUT}")
+            continue
+        images, notes = base / "images", base / "annotations"
+        if not images.is_dir() or not notes.is_dir():
+            raise DatasetLayoutError(f"{base} lacks images/ or annotations/; expected {AFFECTNET_NPY_LAYOUT}")
+        for path in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            exp_file = notes / f"{path.stem}_exp.npy"
+            if not exp_file.is_file():
+                skipped.append((str(path), f"no expression label {exp_file.name} in {notes}", split))
+                continue
+            try:
+                e = int(round(float(_npy_value(exp_file)[0])))
+                extra = {}
+                for key, suffix in (("valence", "val"), ("arousal", "aro")):
+                    f = notes / f"{path.stem}_{suffix}.npy"
+                    extra[key] = float(_npy_value(f)[0]) if f.is_file() else float("nan")
+                lnd = notes / f"{path.stem}_lnd.npy"
+                points = _npy_value(lnd) if lnd.is_file() else None
+            except (OSError, ValueError, IndexError) as exc:
+                skipped.append((str(path), f"unreadable annotation of {path.stem} in {notes}: {exc}", split))
+                continue
+            if e in AFFECTNET_NON_EXPRESSION or (e == 7 and num_classes == 7):
+                skipped_labels[AFFECTNET_NON_EXPRESSION.get(e, "contempt")] += 1
+                continue
+            if e not in AFFECTNET_LABELS:
+                raise LabelError(f"unknown AffectNet expression id {e} in {exp_file}; valid ids: "
+                                 + ", ".join(f"{k} {v}" for k, v in {**AFFECTNET_LABELS, **AFFECTNET_NON_EXPRESSION}.items()))
+            if points is not None and points.size == 136 and np.isfinite(points).all():
+                extra["landmarks_px"] = points.reshape(68, 2).astype(np.float32)
+                extra["landmark_scheme"] = "dlib68"
+            else:
+                without_landmarks += 1
+            records.append(Record(path=str(path), label=class_names.index(AFFECTNET_LABELS[e]), split=split,
+                                  meta=extra))
+    if not records:
+        raise DatasetLayoutError(f"no labelled AffectNet image found under {root}; expected {AFFECTNET_NPY_LAYOUT}")
+    if val_fraction > 0:
+        split_fractions(records, {"val": _check_fraction("val_fraction", val_fraction)}, seed)
+    return DatasetIndex(name=f"affectnet{num_classes}", class_names=tuple(class_names), records=records, root=root,
+                        stats={"layout": "npy", "skipped_labels": dict(skipped_labels),
+                               "missing_labels": len(skipped), "without_landmarks": without_landmarks},
+                        skipped=skipped)
+
+
 def load_affectnet(root: str | os.PathLike, num_classes: int = 7, val_fraction: float = 0.1, seed: int = 0,
                    check_files: bool = True) -> DatasetIndex:
-    """AffectNet from its CSV manifests: training.csv -> train (+ val carved out), validation.csv -> test.
+    """AffectNet in either layout: the current train_set/ + val_set/ with .npy annotations (`load_affectnet_npy`), or
+    the older CSV manifests (training.csv -> train, + val carved out; validation.csv -> test).
 
     Expression ids 8-10 (none, uncertain, non-face) are skipped and counted; with
     `num_classes=7`, contempt (7) is skipped and counted too.
@@ -255,10 +331,14 @@ def load_affectnet(root: str | os.PathLike, num_classes: int = 7, val_fraction: 
         raise ValueError(f"AffectNet num_classes must be 7 or 8, got {num_classes}")
     root = Path(root)
     if not root.exists():
-        raise DatasetLayoutError(f"AffectNet root {root} does not exist; expected {AFFECTNET_LAYOUT}")
+        raise DatasetLayoutError(f"AffectNet root {root} does not exist; expected {AFFECTNET_NPY_LAYOUT}, or "
+                                 f"{AFFECTNET_LAYOUT}")
+    if (root / "train_set").is_dir():
+        return load_affectnet_npy(root, num_classes, val_fraction, seed, check_files)
     csv_dir = next((d for d in (root, root / "Manually_Annotated_file_lists") if (d / "training.csv").is_file()), None)
     if csv_dir is None:
-        raise DatasetLayoutError(f"AffectNet training.csv not found in {root}; expected {AFFECTNET_LAYOUT}")
+        raise DatasetLayoutError(f"AffectNet training.csv (or train_set/) not found in {root}; expected "
+                                 f"{AFFECTNET_NPY_LAYOUT}, or {AFFECTNET_LAYOUT}")
     img_root = next((d for d in (root / "Manually_Annotated_Images",
                                  root / "Manually_Annotated" / "Manually_Annotated_Images") if d.is_dir()), root)
     class_names = EXPRESSIONS if num_classes == 7 else EXPRESSIONS_8
