@@ -231,3 +231,76 @@ def test_reads_shared_fer2013_image_folder():
         assert x.shape == (3, 48, 48)
         folder = Path(ds["val"].records[i].path).parent.name
         assert {"angry": "anger", "happy": "happiness", "sad": "sadness"}.get(folder, folder) == EXPRESSIONS[int(y)]
+
+
+# --------------------------------------------------------------------------- AffectNet as distributed now
+def _affectnet_npy_tree(root: Path) -> dict:
+    """train_set/ and val_set/ with images/<id>.jpg and annotations/<id>_{exp,val,aro,lnd}.npy (AffectNet's layout)."""
+    rng = np.random.default_rng(0)
+    truth = {}
+    items = {"train_set": [("0", "1", True), ("1", "6", True), ("2", "9", True), ("3", "0", False), ("4", None, True),
+                           ("5", "3", True)],
+             "val_set": [("10", "2", True), ("11", "7", True)]}
+    for folder, rows in items.items():
+        (root / folder / "images").mkdir(parents=True)
+        (root / folder / "annotations").mkdir()
+        for stem, exp, with_lnd in rows:
+            Image.fromarray(rng.integers(0, 255, (224, 200, 3), dtype=np.uint8)).save(root / folder / "images" / f"{stem}.jpg")
+            notes = root / folder / "annotations"
+            if exp is None:
+                continue  # an image without its label file
+            np.save(notes / f"{stem}_exp.npy", np.array(exp))  # stored as text, as distributed
+            np.save(notes / f"{stem}_val.npy", np.array(f"{0.1 * int(stem) - 0.3:.3f}"))
+            np.save(notes / f"{stem}_aro.npy", np.array(0.25))
+            if with_lnd:
+                px = np.column_stack([rng.uniform(20, 180, 68), rng.uniform(20, 204, 68)])
+                np.save(notes / f"{stem}_lnd.npy", np.array(";".join(f"{v:.3f}" for v in px.reshape(-1))))
+                truth[stem] = np.round(px, 3)
+    return truth
+
+
+def test_affectnet_npy_layout_uses_its_own_landmarks_and_keeps_valence_arousal(tmp_path, monkeypatch):
+    from fer_lib.data import dataset as dataset_mod
+    from fer_lib.data import load_affectnet
+    from fer_lib.landmarks import DLIB_68
+
+    truth = _affectnet_npy_tree(tmp_path / "affectnet")
+    index = load_affectnet(tmp_path / "affectnet", val_fraction=0.0)
+    by_stem = {Path(r.path).stem: r for r in index.records}
+    assert sorted(by_stem) == ["0", "1", "10", "3", "5"]  # 2: id 9 (uncertain), 11: contempt (7 classes), 4: no label
+    assert index.stats["skipped_labels"] == {"uncertain": 1, "contempt": 1} and index.stats["without_landmarks"] == 1
+    assert [Path(p).name for p, why, _ in index.skipped] == ["4.jpg"] and "_exp.npy" in index.skipped[0][1]
+    assert by_stem["0"].label == EXPRESSIONS.index("happiness") and by_stem["1"].label == EXPRESSIONS.index("anger")
+    assert by_stem["10"].split == "test" and by_stem["0"].split == "train"
+    assert by_stem["5"].meta["valence"] == pytest.approx(0.2) and by_stem["5"].meta["arousal"] == pytest.approx(0.25)
+    assert load_affectnet(tmp_path / "affectnet", num_classes=8, val_fraction=0.0).stats["skipped_labels"] == {"uncertain": 1}
+
+    detected = []
+    real = dataset_mod.detect_landmarks
+
+    def counting(items, *a, **k):
+        detected.extend(items)
+        return real(items, *a, **k)
+
+    monkeypatch.setattr(dataset_mod, "detect_landmarks", counting)
+    out = build_datasets("affectnet", tmp_path / "affectnet", image_size=32, augment=False, val_fraction=0.0,
+                         cache_dir=str(tmp_path / "cache"), progress=False)
+    assert [Path(p).stem for p in detected] == ["3"]  # only the image without its own landmarks is detected
+    for ds in out.values():
+        for r in ds.records:
+            stem = Path(r.path).stem
+            if stem in truth:
+                expected = DLIB_68.to_anchors(truth[stem] / np.array([200, 224]))
+                assert r.has_landmarks and r.meta["landmark_source"] == "dataset"
+                np.testing.assert_allclose(r.anchors, expected, atol=1e-5)
+    assert out["train"].landmark_stats["dataset_landmarks"] == 4
+
+
+def test_affectnet_layout_errors_name_both_layouts(tmp_path):
+    from fer_lib.data import load_affectnet
+
+    with pytest.raises(DatasetLayoutError, match="train_set/.*training.csv"):
+        load_affectnet(tmp_path / "nowhere")
+    (tmp_path / "a" / "train_set").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="lacks images/ or annotations/"):
+        load_affectnet(tmp_path / "a")

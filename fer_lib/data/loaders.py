@@ -250,8 +250,11 @@ AFFECTNET_NPY_LAYOUT = ("<root>/train_set/ and <root>/val_set/, each with images
 
 def _npy_value(path: Path) -> np.ndarray:
     """The numbers of one AffectNet annotation file (stored as numbers or as numeric strings)."""
-    value = np.load(path, allow_pickle=False)
-    return np.asarray(value).astype(np.float64).reshape(-1)
+    value = np.asarray(np.load(path, allow_pickle=False))
+    if value.dtype.kind in "US":  # numbers stored as text, one per element or separated in one string
+        text = " ".join(str(v) for v in value.reshape(-1)).replace(";", " ").replace(",", " ")
+        return np.array(text.split(), dtype=np.float64)
+    return value.astype(np.float64).reshape(-1)
 
 
 def load_affectnet_npy(root: Path, num_classes: int = 7, val_fraction: float = 0.1, seed: int = 0,
