@@ -9,7 +9,10 @@ turns a model's explanation map (the layer attention of a tapped stage, or a CAM
     print(item.evidence.summary)
     # happiness (p=0.91), mainly from AU12 (lip corner puller) and AU6 (cheek raiser); 18% ...
 
-or on the command line: `python -m fer_lib.explain face.jpg --checkpoint best.pt --out expl/`.
+or on the command line, over photos, folders and globs (every face of every photo, a progress
+bar, one summary `explain_summary.csv` / `.json` for the batch, resumable: rerun the same command
+after an interruption; photos without a face or unreadable are listed with the reason):
+`python -m fer_lib.explain photos/ 'more/**/*.jpg' --checkpoint best.pt --out expl/`.
 
 AU evidence (the exact formulas)
 --------------------------------

@@ -9,6 +9,12 @@ Conventions
 -----------
 * Coordinates are normalised to the image: x in [0, 1] left to right, y in [0, 1] top to
   bottom, so the same landmarks render AU maps at any resolution.
+* Photos are read upright (`read_image`: EXIF orientation applied; CMYK, 16-bit, palette and
+  animated images converted, the first frame of an animation noted; huge JPEGs decoded
+  downscaled). `MediaPipeFaceMesh` finds one face in a face crop (the datasets' images);
+  `detect_faces` / `FaceFinder` find every face of a photo (full-range face detector over the
+  photo and its tiles, then FaceMesh per face), largest first, the largest being the face
+  used wherever one face is wanted.
 * "left"/"right" are the *subject's* anatomical sides (the expert's convention: AU12 left
   is the subject's left lip corner, which appears on the image's right in a frontal
   photo). A horizontal flip mirrors x and swaps every left_/right_ pair (`flip_anchors`).
