@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .metrics import protocol_note
 from .utils import ConfigError, UserError, atomic_write_json, check_choice, run_cli, run_info
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
@@ -200,6 +201,7 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
         "skipped": {"count": len(ds.skipped),
                     "items": [{"path": p, "reason": why} for p, why in ds.skipped[:MAX_LISTED_SKIPPED]]},
         "eval_time_s": elapsed, "eval_images_per_s": cls["n"] / elapsed if elapsed > 0 else None,
+        "protocol": protocol_note(name if name != "imagefolder" or not _is_fer2013(data) else "fer2013", split_used),
     }
     if methods and landmarks != "none" and cls["n_valid_maps"]:
         cam_n = cam_samples if max_samples is None else min(cam_samples or len(indices), len(indices))
@@ -217,6 +219,11 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
     result["cam_methods"] = methods
     result["cam_methods_dropped"] = dropped
     return result
+
+
+def _is_fer2013(data: str | Path | None) -> bool:
+    """Whether a folder is FER2013 with its official split (the shared copy, or a folder named fer2013)."""
+    return data is not None and Path(data).name.lower() == "fer2013" and (Path(data) / "val").is_dir()
 
 
 def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:

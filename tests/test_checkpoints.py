@@ -170,3 +170,54 @@ def test_no_unsafe_load_outside_the_opt_in_path():
     assert offenders == []
     text = (REPO / "fer_lib" / "checkpoints.py").read_text()
     assert len(re.findall(r"weights_only\s*=\s*False", text)) == 1  # the trust=True path only
+
+
+# --------------------------------------------------------------------------- the shipped FER2013 checkpoints
+def test_shipped_checkpoints_load_by_name_and_say_what_they_are():
+    from fer_lib.models import shipped_checkpoints
+    from fer_lib.presets import preset_dict
+
+    shipped = shipped_checkpoints()
+    assert {"fer2013_lite0_baseline", "fer2013_lite0_guided"} <= set(shipped)
+    recipe = preset_dict("fer2013_lite0")
+    for name, lam in (("fer2013_lite0_baseline", 0.0), ("fer2013_lite0_guided", 9.0)):
+        path = shipped[name]
+        assert path.stat().st_size <= 12 * 2**20  # fp16, at most 12 MB each
+        card = json.loads(path.with_suffix(".json").read_text())
+        assert "research use" in card["terms"] and "PublicTest" in card["protocol"]
+        train_cfg = card["train_config"]
+        assert train_cfg["au_weight"] == lam
+        for key in ("backbone", "pretrained", "image_size", "epochs", "lr", "optimizer", "label_smoothing"):
+            assert train_cfg[key] == recipe[key], key  # the preset reproduces the shipped recipe
+        assert list(train_cfg["layers"]) == list(recipe["layers"])
+        assert 0.0 < card["metrics"]["accuracy"] <= 1.0 and card["metrics"]["n"] == 3589
+        model, _ = load_checkpoint(name)  # by name, as every --checkpoint option takes it
+        assert model.config["tap_names"] == ["blocks.4"] and model.config["mean"] == [0.5, 0.5, 0.5]
+        with torch.no_grad():
+            logits, feats = model.eval()(torch.zeros(1, 3, 112, 112))
+        assert logits.shape == (1, 7) and tuple(feats[0].shape[-2:]) == (7, 7)
+
+
+def test_a_corrupt_shipped_file_is_refused_with_its_path(tmp_path):
+    from fer_lib.models import shipped_checkpoints
+
+    src = shipped_checkpoints()["fer2013_lite0_guided"]
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(src.read_bytes()[: 4096])
+    (tmp_path / "broken.json").write_text(src.with_suffix(".json").read_text())
+    with pytest.raises(C.CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+
+
+def test_commands_take_a_shipped_name(run, capsys, tmp_path):
+    from fer_lib import evaluate, explain
+
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", "fer2013_lite0_guided", "--data", str(run["root"]), "--landmarks", "none",
+                          "--cam-methods", "none", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"]["backbone"] == "tf_efficientnet_lite0" and res["n"] > 0
+    with pytest.raises(C.CheckpointNotFoundError, match="fer2013_lite0_baseline"):
+        load_checkpoint("fer2013_lite0_guidedd")  # a typo lists the shipped names
+    assert explain.main([str(tmp_path / "none.png"), "--checkpoint", "no_such_name", "--out", str(tmp_path)]) == 2
+    assert "fer2013_lite0_guided" in capsys.readouterr().err
