@@ -2,9 +2,12 @@
 
     loss = CE(logits, y) + au_weight * mean_layers( mean_valid_samples( align(att_l, resize(au_map, l)) ) )
 
-- `att_l` is the layer attention (mean over channels, fer_lib.models.layer_attention).
-- The AU map is resized to the layer's size by area interpolation (average pooling), which
-  keeps its mass where it was.
+- `att_l` is the layer attention: the mean over channels (fer_lib.models.layer_attention,
+  `attention="mean"`), or the reference code's `random_avg`: per sample, the mean over a
+  Bernoulli(`attention_p`) random subset of the channels (p = 1 is the plain mean).
+- The AU map is resized to the layer's size by area interpolation (average pooling, `au_resize=
+  "area"`), which keeps its mass where it was; or as the reference code does it (`"bilinear_clamp"`):
+  bilinear with antialias and aligned corners, then clamped to the map's own min/max.
 - Valid samples have landmarks and a class with AUs (non-zero map). Others (neutral, no face)
   contribute CE only: they are masked out of the mean, never compared with a zero map. If no
   sample in the batch is valid the AU term is exactly 0 (still connected to the graph, so DDP
@@ -16,6 +19,8 @@ Alignment kinds (the paper ablates the loss; "cosine" is the paper's):
   per sample (the attention's scale is arbitrary, so it is removed first).
 - "kl": KL(map || attention) with both maps as spatial distributions: the attention is
   min-max normalised and the map taken as is, each plus 1e-6 and divided by its sum.
+- "std_cosine" (the reference code's): the attention standardised per sample (mean 0, std with
+  Bessel's correction + 1e-4), then 1 - cosine with the map.
 All are computed in float32 (safe under AMP).
 """
 from __future__ import annotations
@@ -30,16 +35,37 @@ import torch.nn.functional as F
 from .models import layer_attention
 from .utils import ConfigError, check_choice
 
-AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl")
+AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl", "std_cosine")
+ATTENTIONS: tuple[str, ...] = ("mean", "random_avg")
+AU_RESIZES: tuple[str, ...] = ("area", "bilinear_clamp")
 _EPS = 1e-6
 
 
-def resize_map(au_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Area-resize a (B,1,H,W) map to `size` (h, w) (average pooling, exact for integer ratios)."""
+def resize_map(au_map: torch.Tensor, size: Sequence[int], mode: str = "area") -> torch.Tensor:
+    """Resize a (B,1,H,W) map to `size` (h, w): "area" (average pooling, exact for integer ratios) or
+    "bilinear_clamp" (bilinear, antialias, aligned corners, clamped to each map's own min and max)."""
+    check_choice("au_resize", mode, AU_RESIZES)
     h, w = int(size[0]), int(size[1])
     if tuple(au_map.shape[-2:]) == (h, w):
         return au_map
-    return F.adaptive_avg_pool2d(au_map, (h, w))
+    if mode == "area":
+        return F.adaptive_avg_pool2d(au_map, (h, w))
+    flat = au_map.flatten(1)
+    lo, hi = flat.amin(dim=1)[:, None, None, None], flat.amax(dim=1)[:, None, None, None]
+    out = F.interpolate(au_map, size=(h, w), mode="bilinear", align_corners=True, antialias=True)
+    return torch.minimum(torch.maximum(out, lo), hi)
+
+
+def random_channel_attention(feature: torch.Tensor, p: float) -> torch.Tensor:
+    """Mean over a Bernoulli(p) random subset of channels, drawn per sample: (B,C,h,w) -> (B,1,h,w);
+    a sample whose draw selects no channel gets a zero map. p = 1 is the plain channel mean."""
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"attention_p must be in (0, 1], got {p!r}")
+    if p == 1.0:
+        return layer_attention(feature)
+    keep = torch.bernoulli(torch.full(feature.shape[:2], p, device=feature.device)).to(feature.dtype)
+    total = (feature * keep[:, :, None, None]).sum(dim=1, keepdim=True)
+    return total / keep.sum(dim=1).clamp_min(1.0)[:, None, None, None]
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +82,9 @@ def alignment(attention: torch.Tensor, target: torch.Tensor, kind: str = "cosine
     if a.shape != m.shape:
         raise ValueError(f"attention {tuple(attention.shape)} and map {tuple(target.shape)} differ in size")
     if kind == "cosine":
+        return 1.0 - F.cosine_similarity(a, m, dim=1, eps=1e-8)
+    if kind == "std_cosine":
+        a = (a - a.mean(dim=1, keepdim=True)) / (a.std(dim=1, keepdim=True, correction=1) + 1e-4)
         return 1.0 - F.cosine_similarity(a, m, dim=1, eps=1e-8)
     if kind == "l1":
         return (_minmax(a) - _minmax(m)).abs().mean(dim=1)
@@ -86,15 +115,27 @@ class LossParts:
 class AUGuidedLoss(nn.Module):
     """CE (optional label smoothing) + au_weight * mean over layers of masked alignment."""
 
-    def __init__(self, au_weight: float = 9.0, kind: str = "cosine", label_smoothing: float = 0.0):
+    def __init__(self, au_weight: float = 9.0, kind: str = "cosine", label_smoothing: float = 0.0,
+                 attention: str = "mean", attention_p: float = 1.0, au_resize: str = "area"):
         super().__init__()
         if not isinstance(au_weight, (int, float)) or au_weight < 0 or au_weight != au_weight:
             raise ConfigError(f"au_weight (lambda) must be a number >= 0, got {au_weight!r}")
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if not 0.0 < float(attention_p) <= 1.0:
+            raise ConfigError(f"attention_p must be in (0, 1], got {attention_p!r}")
         self.au_weight = float(au_weight)
         self.kind = check_choice("au_loss", kind, AU_LOSSES)
         self.label_smoothing = float(label_smoothing)
+        self.attention = check_choice("attention", attention, ATTENTIONS)
+        self.attention_p = float(attention_p)
+        self.au_resize = check_choice("au_resize", au_resize, AU_RESIZES)
+
+    def layer_attention(self, feature: torch.Tensor) -> torch.Tensor:
+        """The attention the loss aligns: the channel mean, or random_avg while training."""
+        if self.attention == "random_avg" and self.training:
+            return random_channel_attention(feature, self.attention_p)
+        return layer_attention(feature)
 
     def au_term(self, features: Sequence[torch.Tensor], au_maps: torch.Tensor,
                 valid: torch.Tensor) -> torch.Tensor:
@@ -103,8 +144,8 @@ class AUGuidedLoss(nn.Module):
         n = mask.sum().clamp_min(1.0)
         terms = []
         for feat in features:
-            att = layer_attention(feat.float())
-            target = resize_map(au_maps.float(), att.shape[-2:])
+            att = self.layer_attention(feat.float())
+            target = resize_map(au_maps.float(), att.shape[-2:], self.au_resize)
             per_sample = alignment(att, target, self.kind)
             per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
             terms.append((per_sample * mask).sum() / n)

@@ -85,6 +85,22 @@ def fer2013_lite0_preset(data_root: str | Path | None = None) -> dict[str, Any]:
     }
 
 
+def reference_readme_preset(data_root: str | Path | None = None) -> dict[str, Any]:
+    """The reference code's README recipe (RAF-DB): ResNet50 ImageNet, 224 px, layer 5, random_avg p=1, cosine, lambda 9, SGD."""
+    # sbelharbi/interpretable-fer-aus README: --align_atten_to_heatmap_layers 5 --align_type random_avg --p 1.0
+    # --loss cosine --lambda 9.0 --scale_to scale_to_attention (bilinear resize of the map, clamped), SGD lr 0.002
+    # momentum 0.9 wd 5e-4, step 4 / gamma 0.9, batch 224, 20 epochs, ImageNet weights, no label smoothing.
+    # Its AU maps are ellipses on dlib-68 points; ours stay Gaussian blobs on the same regions.
+    return {
+        "dataset": "rafdb", "data_root": None if data_root is None else str(data_root), "landmarks": "detect",
+        "backbone": "resnet50", "pretrained": "imagenet", "layers": ("last",), "image_size": 224,
+        "au_weight": 9.0, "au_loss": "cosine", "attention": "random_avg", "attention_p": 1.0,
+        "au_resize": "bilinear_clamp", "label_smoothing": 0.0, "epochs": 20, "batch_size": 224,
+        "optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "step",
+        "step_size": 4, "step_gamma": 0.9, "seed": 0, "out_dir": "runs/reference_readme",
+    }
+
+
 def synthetic_default_preset(data_root: str | Path | None = None) -> dict[str, Any]:
     """The embedded synthetic faces as the main job uses them (experiments/main.toml): ResNet18, 96 px, lambda 9."""
     return {
@@ -97,6 +113,7 @@ def synthetic_default_preset(data_root: str | Path | None = None) -> dict[str, A
 PRESETS: dict[str, Callable[..., dict[str, Any]]] = {
     "fer2013": fer2013_preset,
     "fer2013_lite0": fer2013_lite0_preset,
+    "reference_readme": reference_readme_preset,
     "fer2013_cpu": fer2013_cpu_preset,
     "synthetic_default": synthetic_default_preset,
 }

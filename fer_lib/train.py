@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .losses import AU_LOSSES, AUGuidedLoss, valid_map_mask
+from .losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
 from .metrics import classification_metrics, map_cosine, protocol_note
 from .checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
 from .models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
@@ -90,7 +90,10 @@ class TrainConfig:
     weights: str | None = None  # local weights file for pretrained=True (never downloaded)
     output_stride: int | None = None  # 8 / 16: dilate the last stages (timm) for finer tapped maps
     au_weight: float = 9.0  # lambda; 0 = CE-only baseline
-    au_loss: str = "cosine"  # cosine | l1 | l2 | kl
+    au_loss: str = "cosine"  # cosine | l1 | l2 | kl | std_cosine
+    attention: str = "mean"  # mean | random_avg (the reference code's: a Bernoulli(attention_p) channel subset)
+    attention_p: float = 1.0
+    au_resize: str = "area"  # area | bilinear_clamp (the reference code's resize of the AU map to the layer)
     label_smoothing: float = 0.0
     epochs: int = 10
     image_size: int = 112
@@ -101,7 +104,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # step | cosine | none
-    step_size: int | None = None  # epochs between x0.1 decays for schedule="step" (default epochs // 3)
+    step_size: int | None = None  # epochs between decays for schedule="step" (default epochs // 3)
+    step_gamma: float = 0.1  # the factor of each step decay
     warmup: float = 0.0  # epochs of linear warm-up
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -119,6 +123,10 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("landmarks", self.landmarks, LANDMARK_MODES)
         check_choice("au_loss", self.au_loss, AU_LOSSES)
+        check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("au_resize", self.au_resize, AU_RESIZES)
+        if not isinstance(self.attention_p, (int, float)) or not 0.0 < float(self.attention_p) <= 1.0:
+            raise ConfigError(f"attention_p must be in (0, 1], got {self.attention_p!r}")
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         for name in ("epochs", "image_size", "batch_size"):
             value = getattr(self, name)
@@ -130,6 +138,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ConfigError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.step_gamma, (int, float)) or not 0.0 < float(self.step_gamma) <= 1.0:
+            raise ConfigError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
         for name in ("lr", "momentum", "weight_decay", "warmup", "au_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
@@ -363,7 +373,7 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
             progress = min(1.0, (step - warm) / max(1, total - warm))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if config.schedule == "step":
-            return 0.1 ** (step // step_every)
+            return config.step_gamma ** (step // step_every)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -703,7 +713,8 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     model.to(ctx.device)
     if model.config["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    criterion = AUGuidedLoss(config.au_weight, config.au_loss, config.label_smoothing)
+    criterion = AUGuidedLoss(config.au_weight, config.au_loss, config.label_smoothing, config.attention,
+                             config.attention_p, config.au_resize)
     per_rank = math.ceil(len(train_set) / ctx.world_size)
     drop_last = per_rank > config.batch_size
     steps_per_epoch = per_rank // config.batch_size if drop_last else 1
@@ -846,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig.__dataclass_fields__
     typed = {"epochs": int, "image_size": int, "batch_size": int, "eval_batch_size": int, "num_workers": int,
              "max_steps_per_epoch": int, "step_size": int, "seed": int, "au_weight": float, "lr": float,
-             "momentum": float, "weight_decay": float, "warmup": float, "label_smoothing": float}
+             "momentum": float, "weight_decay": float, "warmup": float, "label_smoothing": float,
+             "attention_p": float, "step_gamma": float}
     for name, f in defaults.items():
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
