@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .metrics import protocol_note
-from .utils import ConfigError, UserError, atomic_write_json, check_choice, run_cli, run_info
+from .utils import ConfigError, UserError, atomic_write_json, check_choice, repo_relative, run_cli, run_info
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
 DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
@@ -187,7 +187,8 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
     cls = train_evaluate(model, target, dev, batch_size=batch_size, desc="evaluate")
     elapsed = time.perf_counter() - t0
     result: dict[str, Any] = {
-        "run": run_info(config), "checkpoint": str(checkpoint), "data": None if data is None else str(data),
+        "run": run_info(config), "checkpoint": repo_relative(str(checkpoint)),
+        "data": None if data is None else repo_relative(str(data)),
         "dataset": name, "split": split_used, "n": int(cls["n"]), "class_names": list(ds.class_names),
         "model": {k: mc.get(k) for k in ("backbone", "image_size", "tap_names", "num_classes", "mean", "std")},
         "train_config": {k: (ckpt.get("config") or {}).get(k) for k in

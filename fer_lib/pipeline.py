@@ -448,8 +448,10 @@ def notebook_parameters(notebook: str | os.PathLike) -> frozenset[str] | None:
 def _absolutise(params: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in params.items():
+        shipped_name = key.endswith("_checkpoint") and isinstance(value, str) and "/" not in value \
+            and not (REPO_ROOT / value).exists()  # a shipped checkpoint's name, not a path
         if _is_path_key(key) and isinstance(value, str) and value and not os.path.isabs(value) \
-                and "://" not in value:
+                and "://" not in value and not shipped_name:
             value = str((REPO_ROOT / value).resolve())
         out[key] = value
     return out

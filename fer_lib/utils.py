@@ -142,6 +142,20 @@ def git_revision(short: bool = True) -> str:
         return "unknown"
 
 
+def repo_relative(obj: Any) -> Any:
+    """`obj` with this checkout's absolute path written relative to the repository ("results/x", not
+    "/home/me/fer/results/x"), in strings, lists and dicts: results files stay portable."""
+    root = str(REPO_ROOT) + os.sep
+    if isinstance(obj, (str, Path)):
+        text = str(obj)
+        return text.replace(root, "") if root in text else (obj if isinstance(obj, str) else text)
+    if isinstance(obj, list):
+        return [repo_relative(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: repo_relative(v) for k, v in obj.items()}
+    return obj
+
+
 def run_info(config: Any = None, **extra: Any) -> dict[str, Any]:
     """Provenance block stamped into every results file: time, code version, host, config."""
     import platform
@@ -159,7 +173,7 @@ def run_info(config: Any = None, **extra: Any) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     if config is not None:
-        info["config"] = json.loads(json.dumps(config, default=_json_default))
+        info["config"] = repo_relative(json.loads(json.dumps(config, default=_json_default)))
     info.update(extra)
     return info
 
