@@ -193,7 +193,8 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
         "model": {k: mc.get(k) for k in ("backbone", "image_size", "tap_names", "num_classes", "mean", "std")},
         "train_config": {k: (ckpt.get("config") or {}).get(k) for k in
                          ("dataset", "au_weight", "layers", "epochs", "seed", "image_size", "dataset_kwargs")},
-        "checkpoint_epoch": ckpt.get("epoch"), "training": training_summary(checkpoint),
+        "checkpoint_epoch": ckpt.get("epoch"),
+        "training": training_summary(checkpoint) or dict((ckpt.get("card") or {}).get("training") or {}),
         "accuracy": cls["accuracy"], "macro_f1": cls["macro_f1"], "per_class_accuracy": cls["per_class_accuracy"],
         "confusion": cls["confusion"], "ce": cls.get("ce"),
         "att_cos": cls["att_cos"], "att_cos_mean": cls["att_cos_mean"], "n_valid_maps": cls["n_valid_maps"],
@@ -349,7 +350,8 @@ def pair_deltas(table: Any, pairs: dict[str, tuple[str, str]]) -> Any:
         if base not in table.index or guided not in table.index:
             raise ConfigError(f"pair {pair!r}: {base!r} or {guided!r} is not an evaluated model ({list(table.index)})")
         row = {"pair": pair, "baseline": base, "guided": guided}
-        row.update({m: table.loc[guided, m] - table.loc[base, m] for m in metrics})
+        numeric = lambda v: pd.to_numeric(v, errors="coerce")  # noqa: E731 - unknown (None) -> NaN
+        row.update({m: numeric(table.loc[guided, m]) - numeric(table.loc[base, m]) for m in metrics})
         rows.append(row)
     return pd.DataFrame(rows).set_index("pair")
 
