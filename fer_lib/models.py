@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from .au import EXPRESSIONS
 from .lnlattennet import LNL_BACKBONES, LNL_STAGES, build_lnlattennet, lnl_from_config
-from .checkpoints import load_file, read_checkpoint, shipped_checkpoints
+from .checkpoints import load_file, read_checkpoint, resolve_checkpoint, shipped_checkpoints  # noqa: F401 (re-exported)
 from .utils import ConfigError
 
 #: backbones tried and tested here; any other timm model name with `feature_info` also works
@@ -249,11 +249,7 @@ class TappedModel(nn.Module):
 
 # --------------------------------------------------------------------------- weights
 def _read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists() and str(path) in shipped_checkpoints():
-        path = shipped_checkpoints()[str(path)]
-    if not path.is_file():
-        raise ConfigError(f"weights file not found: {path}")
+    path = resolve_checkpoint(path)  # a file, or a shipped checkpoint's name
     obj: Any = load_file(path, trust=trust)  # never unpickles code unless trust=True
     if isinstance(obj, dict):
         for key in ("model_state", "state_dict", "model", "state_dict_ema", "module"):
@@ -453,9 +449,8 @@ def check_pretrained(pretrained: Any, weights: str | os.PathLike | None) -> bool
             "pretrained=True needs weights=<path to a local checkpoint> (.pth/.pt/.safetensors state dict or a "
             "fer_lib checkpoint): this project never downloads weights unless asked to; pretrained='imagenet' "
             f"takes ImageNet weights ({', '.join(OFFLINE_IMAGENET)} offline from installed packages)")
-    if weights is not None and not Path(weights).is_file() and str(weights) not in shipped_checkpoints():
-        raise ConfigError(f"weights file not found: {weights} (give a file or a shipped checkpoint name: "
-                          f"{', '.join(shipped_checkpoints()) or 'none installed'})")
+    if weights is not None and not resolve_checkpoint(weights).is_file():  # missing: names the shipped ones
+        raise ConfigError(f"weights file not found: {weights} is a folder, not a file")
     return pretrained
 
 
