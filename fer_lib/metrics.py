@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import check_choice
+from fer_lib.utils import check_choice
 
 MAP_AT: tuple[str, ...] = ("image", "layer")
 

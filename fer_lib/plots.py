@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import au
-from .landmarks import ANCHORS, FaceLandmarks
-from .utils import atomic_path
+from fer_lib.faces import au
+from fer_lib.faces.landmarks import ANCHORS, FaceLandmarks
+from fer_lib.utils import atomic_path
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

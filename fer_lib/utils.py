@@ -12,6 +12,8 @@ import errno
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import random
 import subprocess
@@ -189,21 +191,77 @@ def config_hash(obj: Any, length: int = 10) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on `path` for the block; waits for other holders.
+def file_lock(path: str | os.PathLike, *, blocking: bool = True, holder: str = "") -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `path` for the block: the project's one lock.
 
-    Used where concurrent processes would otherwise build the same cached artefact twice.
+    blocking=True waits for other holders (shared caches built once); blocking=False refuses at
+    once with `LockHeld`, naming the holder that the current owner wrote into the file (runs,
+    pipelines: one process per folder). The lock dies with its process, so no stale lock remains.
     """
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with open(path, "a+") as fh:
         try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            raise LockHeld(path, fh.read().strip()) from None
+        try:
+            if holder:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(holder)
+                fh.flush()
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class LockHeld(UserError):
+    """Another process holds the lock that `file_lock(..., blocking=False)` refused to wait for."""
+
+    def __init__(self, path: Path, holder: str = ""):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is locked by another process ({holder or 'holder unknown'}); "
+                         "wait for it to finish or stop it, then rerun")
+
+
+# --------------------------------------------------------------------------- validation
+def check_number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None) -> Any:
+    """Return `value` if it is a finite number (an int when integer=True) within the bounds
+    (minimum <= value, above < value, value <= maximum); else raise ConfigError naming what is accepted."""
+    kind = "an integer" if integer else "a finite number"
+    bounds = [f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None else "",
+              f"<= {maximum}" if maximum is not None else ""]
+    wanted = kind + "".join(f" {b}" for b in bounds if b and b.strip())
+    ok = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
+    ok = ok and (maximum is None or value <= maximum)
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {wanted}")
+    return value
+
+
+def resolve_device(device: "str | torch.device | None" = None, index: int | None = None) -> "torch.device":
+    """The project's one device rule: 'auto'/None/'' -> CUDA when available (device `index` if
+    given) else CPU; 'cpu', 'cuda', 'cuda:N' as given, and CUDA without a GPU is an error."""
+    import torch
+
+    if device is None or (isinstance(device, str) and device in ("", "auto")):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; valid choices: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} but no CUDA GPU is available; valid choices here: auto, cpu")
+    if dev.type == "cuda" and dev.index is None and index is not None:
+        dev = torch.device("cuda", index)
+    return dev
 
 
 # --------------------------------------------------------------------------- command-line errors

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from fer_lib.au import EXPRESSIONS, render_heatmaps
-from fer_lib.landmarks import ANCHORS
+from fer_lib.faces.au import EXPRESSIONS, render_heatmaps
+from fer_lib.faces.landmarks import ANCHORS
 
 
 class ToyFER(Dataset):

@@ -25,7 +25,7 @@ def astronaut() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def astronaut_landmarks(astronaut):
-    from fer_lib.landmarks import MediaPipeFaceMesh
+    from fer_lib.faces.landmarks import MediaPipeFaceMesh
 
     detector = MediaPipeFaceMesh()
     lm = detector.detect(astronaut)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fer_lib import au
-from fer_lib.landmarks import ANCHOR_INDEX, ANCHORS
+from fer_lib.faces import au
+from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
 
-# Paper (Belharbi et al., FG 2024), Fig. 2, transcribed independently of fer_lib.au
+# Paper (Belharbi et al., FG 2024), Fig. 2, transcribed independently of fer_lib.faces.au
 PAPER_CODEBOOK = {
     "happiness": {6, 12, 25},
     "surprise": {1, 2, 5, 26, 27},

@@ -7,7 +7,7 @@ download), opens notebook 01, runs all cells from the Run menu, waits for the ke
 checks that no cell failed and that the heatmap figures are displayed, saves from the
 browser and checks the saved notebook, and takes screenshots (the test's tmp dir; with FER_SAVE_SCREENSHOTS=1 also the
 committed copy under results/screenshots/). Then it opens a results/index.html built by
-fer_lib.pipeline from that executed notebook and checks its headline table and links.
+fer_lib.workflow.pipeline from that executed notebook and checks its headline table and links.
 
 Chromium comes from tests/browser_setup.sh (apt-get install chromium chromium-driver, as root);
 the test skips, saying why, only where it cannot be installed.
@@ -269,13 +269,13 @@ class Lab:
 
 @contextlib.contextmanager
 def jupyterlab(root: Path, home: Path) -> Iterator[Lab]:
-    """`python -m fer_lib.jupyter lab`'s command, headless, on 127.0.0.1:<free port> with a random token.
+    """`python -m fer_lib.workflow.jupyter lab`'s command, headless, on 127.0.0.1:<free port> with a random token.
 
     Config, runtime, settings and workspace folders live under `home` (nothing of the user's is read
     or written). On exit: /api/shutdown (the server stops its kernels), then the server's process
     group and any kernel it started are terminated by id.
     """
-    from fer_lib import jupyter
+    from fer_lib.workflow import jupyter
 
     jupyter.ensure_kernel()
     for name, value in LAB_SETTINGS.items():
@@ -342,8 +342,8 @@ def _executed(state: dict) -> bool:
 
 
 def _build_results(root: Path, executed_notebook: Path, metrics: Path) -> Path:
-    """A results/ tree built by fer_lib.pipeline: the executed notebook 01 as a run, plus a headline pair."""
-    from fer_lib import pipeline
+    """A results/ tree built by fer_lib.workflow.pipeline: the executed notebook 01 as a run, plus a headline pair."""
+    from fer_lib.workflow import pipeline
 
     exp = root / "demo"
     runs = {
@@ -482,7 +482,7 @@ def test_jupyterlab_runs_notebook01_and_results_index_opens(chromium, tmp_path):
         assert (root / "results" / "01_au_heatmaps" / "expression_heatmaps.png").stat().st_size > 10_000
         timings["notebook total"] = time.perf_counter() - started
 
-        # results/index.html as fer_lib.pipeline builds it, from this executed notebook
+        # results/index.html as fer_lib.workflow.pipeline builds it, from this executed notebook
         t0 = time.perf_counter()
         index = _build_results(tmp_path / "results", saved, root / "results" / "01_au_heatmaps" / "metrics.json")
         state = _check_index_page(cdp, index)

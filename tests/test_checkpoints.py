@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fer_lib import checkpoints as C
-from fer_lib.evaluate import make_synthetic_imagefolder
+from fer_lib.analysis.evaluate import make_synthetic_imagefolder
 from fer_lib.models import build_model, load_checkpoint
-from fer_lib.train import TrainConfig, train
+from fer_lib.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"angry": "anger", "happy": "happiness", "neutral": "neutral"}
@@ -70,8 +70,9 @@ def test_fer_lib_checkpoints_are_plain_data_and_round_trip_bit_for_bit(run):
 
 
 def test_malicious_files_are_refused_by_every_entry_point(run, evil, capsys, tmp_path):
-    from fer_lib import evaluate, explain
-    from fer_lib.explore import explore
+    from fer_lib.analysis import evaluate
+    from fer_lib.analysis import explain
+    from fer_lib.analysis.explore import explore
 
     image = next((run["root"] / "val" / "happy").glob("*.png"))
     for bad in evil["files"]:
@@ -84,7 +85,7 @@ def test_malicious_files_are_refused_by_every_entry_point(run, evil, capsys, tmp
             explore(bad, np.zeros((48, 48, 3), np.uint8), landmarks=False)
         with pytest.raises(C.UnsafeCheckpointError):
             build_model("resnet18", image_size=48, pretrained=True, weights=bad)
-        from fer_lib.train import main as train_main
+        from fer_lib.training.train import main as train_main
         out = tmp_path / f"w_{bad.stem}"
         argv = ["--dataset", "imagefolder", "--data-root", str(run["root"]), "--backbone", "resnet18",
                 "--image-size", "48", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1",
@@ -97,7 +98,7 @@ def test_malicious_files_are_refused_by_every_entry_point(run, evil, capsys, tmp
 
 
 def test_resume_refuses_a_malicious_last_checkpoint(run, evil, tmp_path, capsys):
-    from fer_lib.train import main as train_main
+    from fer_lib.training.train import main as train_main
 
     out = tmp_path / "resume"
     (out / "checkpoints").mkdir(parents=True)
@@ -168,14 +169,14 @@ def test_no_unsafe_load_outside_the_opt_in_path():
             if re.search(r"\bpickle\.loads?\(", line):
                 offenders.append(f"{path.relative_to(REPO)}:{i}")
     assert offenders == []
-    text = (REPO / "fer_lib" / "checkpoints.py").read_text()
+    text = (REPO / "fer_lib" / "models" / "checkpoints.py").read_text()
     assert len(re.findall(r"weights_only\s*=\s*False", text)) == 1  # the trust=True path only
 
 
 # --------------------------------------------------------------------------- the shipped FER2013 checkpoints
 def test_shipped_checkpoints_load_by_name_and_say_what_they_are():
     from fer_lib.models import shipped_checkpoints
-    from fer_lib.presets import preset_dict
+    from fer_lib.training.presets import preset_dict
 
     shipped = shipped_checkpoints()
     assert {"fer2013_lite0_baseline", "fer2013_lite0_guided"} <= set(shipped)
@@ -210,7 +211,8 @@ def test_a_corrupt_shipped_file_is_refused_with_its_path(tmp_path):
 
 
 def test_commands_take_a_shipped_name(run, capsys, tmp_path):
-    from fer_lib import evaluate, explain
+    from fer_lib.analysis import evaluate
+    from fer_lib.analysis import explain
 
     out = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", "fer2013_lite0_guided", "--data", str(run["root"]), "--landmarks", "none",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import fer_lib.train as train_mod
+import fer_lib.training.train as train_mod
 from fer_lib.models import build_model
 from fer_lib.utils import error_line, run_cli
 
@@ -95,7 +95,7 @@ FULL_DISK = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # files may not grow past 1 MB: a full disk
-from fer_lib.train import main
+from fer_lib.training.train import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -117,7 +117,7 @@ def test_train_command_on_a_full_disk_is_one_line_and_releases_the_lock(tmp_path
 
 def test_evaluate_cams_default_to_a_tapped_layer_and_are_checked_before_the_data(layer4_checkpoint, tmp_path):
     from fer_lib import evaluate as E
-    from fer_lib.interpret import compute_cams
+    from fer_lib.analysis.interpret import compute_cams
     from fer_lib.models import load_checkpoint
 
     model, _ = load_checkpoint(layer4_checkpoint)
@@ -133,7 +133,8 @@ def test_evaluate_cams_default_to_a_tapped_layer_and_are_checked_before_the_data
 
 
 def test_explain_and_explore_commands_report_errors_in_one_line(layer4_checkpoint, tmp_path, capsys, astronaut):
-    from fer_lib import explain, explore
+    from fer_lib.analysis import explain
+    from fer_lib.analysis import explore
 
     photo = tmp_path / "a.png"
     Image.fromarray(astronaut).save(photo)

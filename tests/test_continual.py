@@ -1,14 +1,14 @@
-"""Continual and few-shot compound-expression learning (fer_lib.continual, fer_lib.compound) on tiny data."""
+"""Continual and few-shot compound-expression learning (fer_lib.methods.continual, fer_lib.faces.compound) on tiny data."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from fer_lib import au
-from fer_lib.compound import (ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS, EXTRA_COMPOUNDS, compound_heatmap,
+from fer_lib.faces import au
+from fer_lib.faces.compound import (ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS, EXTRA_COMPOUNDS, compound_heatmap,
                               compound_parts, part_heatmaps, parts_aus, region_anchors)
-from fer_lib.continual import (METHODS, ContinualConfig, ExemplarMemory, TensorSplit, clone_model,
+from fer_lib.methods.continual import (METHODS, ContinualConfig, ExemplarMemory, TensorSplit, clone_model,
                                distillation_loss, evaluate_step, expand_head, feature_distillation_loss, few_shot,
                                forgetting, make_protocol, mean_ci, predictive_scores, run_continual, sample_episode,
                                split_method, summary_table)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_lib.au import EXPRESSIONS, combine_aus
+from fer_lib.faces.au import EXPRESSIONS, combine_aus
 from fer_lib.data import (COMPOUND_EXPRESSIONS, DatasetLayoutError, FERDataset, LabelError, Record, build_datasets,
                           generate_sample, geometric_transform, load_affectnet, load_csv_manifest, load_fer2013_csv,
                           load_image_folder, load_rafdb)
 from fer_lib.data.dataset import DEFAULT_FER2013_ROOT
-from fer_lib.landmarks import ANCHOR_INDEX, flip_anchors
+from fer_lib.faces.landmarks import ANCHOR_INDEX, flip_anchors
 from fer_lib.utils import ConfigError
 
 
@@ -262,7 +262,7 @@ def _affectnet_npy_tree(root: Path) -> dict:
 def test_affectnet_npy_layout_uses_its_own_landmarks_and_keeps_valence_arousal(tmp_path, monkeypatch):
     from fer_lib.data import dataset as dataset_mod
     from fer_lib.data import load_affectnet
-    from fer_lib.landmarks import DLIB_68
+    from fer_lib.faces.landmarks import DLIB_68
 
     truth = _affectnet_npy_tree(tmp_path / "affectnet")
     index = load_affectnet(tmp_path / "affectnet", val_fraction=0.0)

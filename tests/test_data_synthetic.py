@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fer_lib.au import ALL_AUS, CODEBOOK, EXPRESSIONS
+from fer_lib.faces.au import ALL_AUS, CODEBOOK, EXPRESSIONS
 from fer_lib.data import (SyntheticConfig, build_datasets, build_synthetic, generate_sample, landmark_error_report,
                           landmark_nme, load_csv_manifest, load_truth, plot_sample_grid, spurious_cue_present)
 from fer_lib.data.synthetic import CORE_AUS
-from fer_lib.landmarks import ANCHOR_INDEX, ANCHORS
+from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
 from fer_lib.utils import ConfigError
 
 
@@ -71,7 +71,7 @@ def test_spurious_cue_in_train_only(tmp_path):
     cfg = SyntheticConfig(n_per_class={"train": 3, "test": 3}, spurious_p=1.0, image_size=64)
     root = build_synthetic(cfg, root=tmp_path / "syn", progress=False)
     index = load_csv_manifest(root / "manifest.csv", val_fraction=0.0)
-    from fer_lib.landmarks import load_image
+    from fer_lib.faces.landmarks import load_image
 
     for r in index.records:
         img = load_image(r.path)
@@ -132,7 +132,7 @@ def test_landmark_nme():
 
 def test_mediapipe_finds_synthetic_faces():
     pytest.importorskip("mediapipe")
-    from fer_lib.landmarks import MediaPipeFaceMesh
+    from fer_lib.faces.landmarks import MediaPipeFaceMesh
 
     det = MediaPipeFaceMesh()
     samples = [generate_sample(e, seed=11, split="test", index=i) for e in EXPRESSIONS for i in range(2)]

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {tests!r})
     from _toy_data import toy_splits
-    from fer_lib.train import TrainConfig, train
+    from fer_lib.training.train import TrainConfig, train
 
     config = TrainConfig(backbone="resnet18", layers=(4, 5), epochs=2, image_size=32, batch_size=8, lr=0.02,
                          device="cpu", landmarks="ground_truth", out_dir=sys.argv[1], seed=5, au_weight=9.0)

@@ -1,4 +1,4 @@
-"""The FER2013 preset and `python -m fer_lib.evaluate` on a tiny ImageFolder of synthetic faces made here."""
+"""The FER2013 preset and `python -m fer_lib.analysis.evaluate` on a tiny ImageFolder of synthetic faces made here."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_lib.au import EXPRESSIONS
+from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.data import AugmentConfig, build_datasets
-from fer_lib.evaluate import (comparison_frame, evaluate_checkpoint_on_data, format_table, main,
+from fer_lib.analysis.evaluate import (comparison_frame, evaluate_checkpoint_on_data, format_table, main,
                               make_synthetic_imagefolder, pair_deltas)
-from fer_lib.presets import PRESETS, FER2013_AUGMENT, list_presets, preset, preset_dict
+from fer_lib.training.presets import PRESETS, FER2013_AUGMENT, list_presets, preset, preset_dict
 from fer_lib.utils import ConfigError
 
 # FER2013-style folder names (synonyms of the project's classes), grayscale 48 px like FER2013
@@ -39,7 +39,7 @@ def tiny_folder(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_folder, tmp_path_factory) -> Path:
     """A 2-step checkpoint trained through the fer2013 preset on the tiny folder."""
-    from fer_lib.train import train
+    from fer_lib.training.train import train
 
     out = tmp_path_factory.mktemp("run")
     config = preset("fer2013", data_root=tiny_folder["root"], backbone="resnet18", image_size=48, epochs=1,

@@ -1,4 +1,4 @@
-"""fer_lib.explain: per-AU evidence tables, summaries, the deletion test, dataset validation and the CLI."""
+"""fer_lib.analysis.explain: per-AU evidence tables, summaries, the deletion test, dataset validation and the CLI."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from fer_lib import explain as X
-from fer_lib.au import ALL_AUS, AU_NAMES, EXPRESSIONS
+from fer_lib.faces.au import ALL_AUS, AU_NAMES, EXPRESSIONS
 from fer_lib.data import SyntheticConfig, generate_sample
 from fer_lib.models import build_model
 from fer_lib.utils import ConfigError

@@ -1,4 +1,4 @@
-"""fer_lib.explore: one call explains an image with a checkpoint (figure panels + numbers)."""
+"""fer_lib.analysis.explore: one call explains an image with a checkpoint (figure panels + numbers)."""
 from __future__ import annotations
 
 import sys
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from fer_lib import au
-from fer_lib.explore import (Exploration, dataset_sample, explore, explore_sample, ipywidgets_available,
+from fer_lib.faces import au
+from fer_lib.analysis.explore import (Exploration, dataset_sample, explore, explore_sample, ipywidgets_available,
                              load_model, sample_slider, to_input)
-from fer_lib.landmarks import ANCHOR_INDEX
+from fer_lib.faces.landmarks import ANCHOR_INDEX
 from fer_lib.models import build_model
 from fer_lib.utils import ConfigError
 

@@ -1,4 +1,4 @@
-"""fer_lib.interpret: layer attention, CAMs, agreement metrics vs AU maps, faithfulness, figures."""
+"""fer_lib.analysis.interpret: layer attention, CAMs, agreement metrics vs AU maps, faithfulness, figures."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fer_lib import interpret as I
-from fer_lib.au import EXPRESSIONS, render_heatmaps
-from fer_lib.landmarks import ANCHORS
+from fer_lib.faces.au import EXPRESSIONS, render_heatmaps
+from fer_lib.faces.landmarks import ANCHORS
 from fer_lib.models import build_model
 from fer_lib.utils import ConfigError
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from fer_lib import jupyter
+from fer_lib.workflow import jupyter
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -35,7 +35,7 @@ def test_install_into_a_prefix_is_current_and_refreshed_when_stale(tmp_path):
 
 @pytest.mark.slow
 def test_kernel_is_registered_in_the_venv_and_runs_it():
-    """What `make setup` / `python -m fer_lib.jupyter lab` do; then Jupyter finds it in the venv and it starts there."""
+    """What `make setup` / `python -m fer_lib.workflow.jupyter lab` do; then Jupyter finds it in the venv and it starts there."""
     from jupyter_client.manager import start_new_kernel
 
     jupyter.ensure_kernel()
@@ -62,7 +62,7 @@ def test_kernel_is_registered_in_the_venv_and_runs_it():
 def test_notebooks_carry_the_project_kernelspec(path):
     spec = jupyter.notebook_kernelspec(path)
     assert spec == jupyter.NOTEBOOK_KERNELSPEC, (
-        f"{path.name} names kernel {spec.get('name')!r}; run `python -m fer_lib.jupyter notebooks`")
+        f"{path.name} names kernel {spec.get('name')!r}; run `python -m fer_lib.workflow.jupyter notebooks`")
 
 
 def test_setting_the_kernelspec_changes_only_that_field(tmp_path):

@@ -1,4 +1,4 @@
-"""fer_lib.lnlattennet: shapes, region weights, the TappedModel contract, training, blanked regions."""
+"""fer_lib.models.lnlattennet: shapes, region weights, the TappedModel contract, training, blanked regions."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fer_lib.lnlattennet import (LNL_BACKBONES, LNLAttenNet, build_lnlattennet, lnl_from_config, lnl_layers,
+from fer_lib.models.lnlattennet import (LNL_BACKBONES, LNLAttenNet, build_lnlattennet, lnl_from_config, lnl_layers,
                                  split_regions)
-from fer_lib.losses import AUGuidedLoss
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.metrics import map_cosine
 from fer_lib.utils import ConfigError
 
@@ -178,8 +178,8 @@ def test_au_guidance_moves_region_weights_onto_the_au_map():
 
 
 def test_trains_with_fer_lib_train_unchanged(tmp_path):
-    """fer_lib.train's loop, loss, evaluation and checkpoints run the model by name, as a timm one."""
-    import fer_lib.train as train_mod
+    """fer_lib.training.train's loop, loss, evaluation and checkpoints run the model by name, as a timm one."""
+    import fer_lib.training.train as train_mod
     from _toy_data import toy_splits
     from fer_lib.models import build_model, load_checkpoint
 
@@ -195,7 +195,7 @@ def test_trains_with_fer_lib_train_unchanged(tmp_path):
 
 
 def test_codebook_agreement_scores_perfect_and_uniform_weights():
-    from fer_lib.lnlattennet import codebook_agreement
+    from fer_lib.models.lnlattennet import codebook_agreement
 
     g = torch.Generator().manual_seed(0)
     au = torch.rand(12, 16, generator=g) ** 4

@@ -1,4 +1,4 @@
-"""fer_lib.losses (masked AU alignment) and fer_lib.metrics (map cosine, classification)."""
+"""fer_lib.training.losses (masked AU alignment) and fer_lib.metrics (map cosine, classification)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fer_lib.losses import AU_LOSSES, AUGuidedLoss, alignment, resize_map, valid_map_mask
+from fer_lib.training.losses import AU_LOSSES, AUGuidedLoss, alignment, resize_map, valid_map_mask
 from fer_lib.metrics import classification_metrics, map_cosine
 from fer_lib.utils import ConfigError
 
@@ -152,7 +152,7 @@ def test_std_cosine_ignores_the_attention_offset_and_scale_and_prefers_the_align
 
 
 def test_random_avg_attention_and_the_reference_resize():
-    from fer_lib.losses import random_channel_attention
+    from fer_lib.training.losses import random_channel_attention
 
     torch.manual_seed(0)
     feat = torch.rand(3, 16, 5, 5)
@@ -179,8 +179,8 @@ def test_random_avg_attention_and_the_reference_resize():
 
 
 def test_reference_readme_preset_sets_the_reference_options():
-    from fer_lib.presets import preset
-    from fer_lib.train import TrainConfig, _make_scheduler
+    from fer_lib.training.presets import preset
+    from fer_lib.training.train import TrainConfig, _make_scheduler
 
     cfg = preset("reference_readme", data_root="/data/RAF-DB")
     assert (cfg.attention, cfg.attention_p, cfg.au_resize, cfg.au_loss) == ("random_avg", 1.0, "bilinear_clamp", "cosine")

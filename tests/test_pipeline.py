@@ -1,4 +1,4 @@
-"""Tests of fer_lib.pipeline: papermill sweeps, resumption, failures, placeholders, locking, index."""
+"""Tests of fer_lib.workflow.pipeline: papermill sweeps, resumption, failures, placeholders, locking, index."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fer_lib import pipeline
+from fer_lib.workflow import pipeline
 from fer_lib.utils import REPO_ROOT, ConfigError
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -130,7 +130,7 @@ def test_failing_config_is_kept_reported_and_does_not_stop_others(tmp_path: Path
         notebook = "{square_nb}"
         grid = {{ x = [13, 4] }}
     """))
-    proc = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results", str(tmp_path / "res"),
+    proc = subprocess.run([sys.executable, "-m", "fer_lib.workflow.pipeline", str(exp_file), "--results", str(tmp_path / "res"),
                            "--jobs", "2"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "failed" in proc.stdout and "deliberate failure" in proc.stdout
@@ -150,7 +150,7 @@ def test_failing_config_is_kept_reported_and_does_not_stop_others(tmp_path: Path
     partial.write_text("checkpoint")
     # Rerun: the good run is skipped, the failed one is tried again (and fails again). (--reuse-stale
     # because other people may be editing fer_lib/ while this test runs.)
-    proc2 = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results",
+    proc2 = subprocess.run([sys.executable, "-m", "fer_lib.workflow.pipeline", str(exp_file), "--results",
                             str(tmp_path / "res"), "--no-render", "--reuse-stale"], capture_output=True, text=True, cwd=REPO_ROOT,
                            timeout=300)
     assert proc2.returncode == 1
@@ -284,7 +284,7 @@ def test_lock_refuses_a_second_concurrent_pipeline(tmp_path: Path, square_nb: Pa
     with pipeline.experiment_lock(tmp_path / "res" / "locked"):
         with pytest.raises(pipeline.PipelineBusy, match="in use by another pipeline"):
             pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False)
-        proc = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp_file), "--results",
+        proc = subprocess.run([sys.executable, "-m", "fer_lib.workflow.pipeline", str(exp_file), "--results",
                                str(tmp_path / "res")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
         assert proc.returncode == 3 and f"pid {os.getpid()}" in proc.stderr and "--results" in proc.stderr
     assert not (tmp_path / "res" / "locked" / "sq").exists()   # nothing ran while locked

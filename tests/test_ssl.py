@@ -1,4 +1,4 @@
-"""ContraWarping (fer_lib.ssl, fer_lib.warps): warps, views, EMA, loss, pretraining, checkpoints, metrics."""
+"""ContraWarping (fer_lib.methods.ssl, fer_lib.methods.warps): warps, views, EMA, loss, pretraining, checkpoints, metrics."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fer_lib.ssl import (ContraWarping, SSLConfig, UnlabelledImages, backbone_with_fresh_head, ema_momentum,
+from fer_lib.methods.ssl import (ContraWarping, SSLConfig, UnlabelledImages, backbone_with_fresh_head, ema_momentum,
                          knn_predict, load_backbone, make_views, pretrain, retrieval_metrics)
 from fer_lib.utils import ConfigError
-from fer_lib.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps,
+from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps,
                            displacement_at, field_gradient, identity_params, random_displacement,
                            sample_global_params, warp_images)
 
@@ -18,7 +18,7 @@ from fer_lib.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_po
 @pytest.fixture(scope="module")
 def faces() -> UnlabelledImages:
     """12 synthetic faces (32 px) with their ground-truth anchors, generated in memory."""
-    from fer_lib.au import EXPRESSIONS
+    from fer_lib.faces.au import EXPRESSIONS
     from fer_lib.data.synthetic import SyntheticConfig, generate_sample
 
     cfg = SyntheticConfig(image_size=32, seed=3)
@@ -164,9 +164,9 @@ def test_tiny_pretraining_lowers_its_loss_and_saves_a_loadable_backbone(faces, t
 
 
 def test_classifier_free_backbone_loads_into_build_model(tmp_path):
-    """The contract with fer_lib.train: backbone.pt -> build_model(backbone, pretrained=True, weights=PATH)."""
+    """The contract with fer_lib.training.train: backbone.pt -> build_model(backbone, pretrained=True, weights=PATH)."""
     from fer_lib.models import build_model
-    from fer_lib.ssl import create_backbone, save_backbone
+    from fer_lib.methods.ssl import create_backbone, save_backbone
 
     torch.manual_seed(1)
     path = save_backbone(create_backbone("resnet18", 32), tmp_path / "backbone.pt", {"backbone": "resnet18"})

@@ -1,4 +1,4 @@
-"""fer_lib.train: config validation, outputs, determinism, resume after a kill, locks, NaN policy."""
+"""fer_lib.training.train: config validation, outputs, determinism, resume after a kill, locks, NaN policy."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _toy_data import ToyFER, toy_splits  # noqa: E402
 
-import fer_lib.train as train_mod  # noqa: E402
+import fer_lib.training.train as train_mod  # noqa: E402
 from fer_lib.models import load_checkpoint  # noqa: E402
-from fer_lib.train import NonFiniteLossError, RunLockedError, TrainConfig, evaluate, main, train  # noqa: E402
+from fer_lib.training.train import NonFiniteLossError, RunLockedError, TrainConfig, evaluate, main, train  # noqa: E402
 from fer_lib.utils import ConfigError  # noqa: E402
 
 SIZE = 32

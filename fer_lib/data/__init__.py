@@ -2,16 +2,16 @@
 
 Entry point: `build_datasets(name, root, image_size, seed, landmarks, cache_dir, augment, **kwargs)`
 -> {"train"|"val"|"test": FERDataset}; each item is (image, label, au_map, has_landmarks).
-All labels use the project's order `fer_lib.au.EXPRESSIONS` (tables in `loaders`).
+All labels use the project's order `fer_lib.faces.au.EXPRESSIONS` (tables in `loaders`).
 """
-from .dataset import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, LANDMARK_MODES, AugmentConfig, FERDataset,
+from fer_lib.data.dataset import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, LANDMARK_MODES, AugmentConfig, FERDataset,
                       attach_detected_landmarks, build_datasets, geometric_transform, landmark_error_report,
                       landmark_nme, load_index, validate_records)
-from .loaders import (AFFECTNET_LABELS, COMPOUND_EXPRESSIONS, EXPRESSIONS_8, FER2013_LABELS, RAFDB_BASIC_LABELS,
+from fer_lib.data.loaders import (AFFECTNET_LABELS, COMPOUND_EXPRESSIONS, EXPRESSIONS_8, FER2013_LABELS, RAFDB_BASIC_LABELS,
                       RAFDB_COMPOUND_LABELS, SYNONYMS, DatasetIndex, DatasetLayoutError, LabelError, Record,
                       canonical_name, load_affectnet, load_csv_manifest, load_fer2013_csv, load_image_folder,
                       load_rafdb, resolve_label)
-from .synthetic import (SPURIOUS_CUES, SyntheticConfig, build_synthetic, generate_sample, load_truth,
+from fer_lib.data.synthetic import (SPURIOUS_CUES, SyntheticConfig, build_synthetic, generate_sample, load_truth,
                         plot_sample_grid, spurious_cue_present)
 
 __all__ = [

@@ -4,7 +4,7 @@
 Geometric augmentations (random resized crop, small rotation, horizontal flip) move the
 landmark anchors with the image, and the AU map is rendered AFTER the transform from the
 transformed anchors, so it always lies on the face it describes (a flip swaps the
-subject's left/right anchors via `fer_lib.landmarks.flip_anchors`).
+subject's left/right anchors via `fer_lib.faces.landmarks.flip_anchors`).
 
 Unreadable images are found when the dataset is built (each file is decoded once), listed
 in `.skipped` with the reason and left out, so nothing fails inside a DataLoader worker.
@@ -20,13 +20,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..au import CODEBOOK, combine_aus
-from ..landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
+from fer_lib.faces.au import CODEBOOK, combine_aus
+from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
                          detect_landmarks, flip_anchors, load_image)
-from ..utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
-from . import loaders
-from .loaders import DatasetIndex, Record
-from .synthetic import SyntheticConfig, build_synthetic, load_truth
+from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
+from fer_lib.data import loaders
+from fer_lib.data.loaders import DatasetIndex, Record
+from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, load_truth
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -235,7 +235,7 @@ def landmark_error_report(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
 def attach_dataset_landmarks(records: Sequence[Record]) -> int:
     """Anchors from a dataset's own landmarks (`meta['landmarks_px']` in pixels, `meta['landmark_scheme']`, e.g.
     AffectNet's 68 points through the dlib-68 scheme); returns how many records got them."""
-    from ..landmarks import get_scheme, photo_size
+    from fer_lib.faces.landmarks import get_scheme, photo_size
 
     n = 0
     for r in records:

@@ -2,7 +2,7 @@
 
 Each reader returns a `DatasetIndex`: records (path or in-memory pixels, project class id,
 split) and the class names. Every dataset's own label order is mapped to the project's
-order (`fer_lib.au.EXPRESSIONS`) through the explicit tables below. Readers never open
+order (`fer_lib.faces.au.EXPRESSIONS`) through the explicit tables below. Readers never open
 images; `fer_lib.data.dataset` validates and loads them.
 
 Errors name the expected layout, so a wrong root or a missing label file says at once
@@ -18,9 +18,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..au import EXPRESSIONS
-from ..landmarks import IMAGE_EXTENSIONS
-from ..utils import UserError
+from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.faces.landmarks import IMAGE_EXTENSIONS
+from fer_lib.utils import UserError
 
 SPLITS = ("train", "val", "test")
 

@@ -7,7 +7,7 @@ triangle nose with nostrils, cheeks, a mouth made of lip curves, small pose jitt
 lighting, a textured background and pixel noise. Faces are drawn at a working
 resolution of 192 px (where MediaPipe FaceMesh finds them) and downsampled.
 
-Each expression activates its codebook AUs (`fer_lib.au.CODEBOOK`) with random
+Each expression activates its codebook AUs (`fer_lib.faces.au.CODEBOOK`) with random
 intensities; every AU deforms only its own region (AU1/AU2 raise the inner/outer brows,
 AU4 lowers and draws them together with glabella furrows, AU5 widens the eyes, AU6 raises
 the cheeks and narrows the eyes from below with crow's feet, AU7 tightens the lids, AU9
@@ -16,14 +16,14 @@ them, AU16 depresses the lower lip, AU17 raises the chin, AU20 stretches the lip
 AU23/AU24 tighten and press them, AU25 parts them, AU26/AU27 drop the jaw). Class AUs are
 sometimes dropped and other AUs leak in weakly, so classes overlap as real ones do.
 
-Compound expressions (`fer_lib.compound`, Du et al. 2014) can be generated too: pass their
+Compound expressions (`fer_lib.faces.compound`, Du et al. 2014) can be generated too: pass their
 names in `SyntheticConfig.expressions` (e.g. `EXPRESSIONS + ("happily_surprised",)`). A
 compound face shows all of Du et al.'s AUs for it (never dropped) and, with probability
 `COMPOUND_PART_P` each, the defining (core) AUs of its two basic parts that Du's set lacks,
 so it reads as a blend of its parts. The basic classes are drawn exactly as before
 (same images for the same seed and class).
 
-The generator returns the ground-truth anchors (`fer_lib.landmarks.ANCHORS`, subject's
+The generator returns the ground-truth anchors (`fer_lib.faces.landmarks.ANCHORS`, subject's
 left/right, transformed by the same pose jitter) and the true intensity of every AU.
 `build_synthetic` writes the set as ImageFolder + CSV manifest (+ `truth.npz`), which
 the generic loaders read back.
@@ -50,10 +50,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..au import ALL_AUS, CODEBOOK, EXPRESSIONS, combine_aus
-from ..compound import ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS
-from ..landmarks import ANCHOR_INDEX, ANCHORS
-from ..utils import (REPO_ROOT, ConfigError, file_lock, atomic_save_npz, atomic_write_csv, atomic_write_json,
+from fer_lib.faces.au import ALL_AUS, CODEBOOK, EXPRESSIONS, combine_aus
+from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS
+from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
+from fer_lib.utils import (REPO_ROOT, ConfigError, file_lock, atomic_save_npz, atomic_write_csv, atomic_write_json,
                      check_choice, config_hash)
 
 WORK_SIZE = 192  # drawing resolution: MediaPipe FaceMesh detects these faces reliably here
@@ -675,7 +675,7 @@ def plot_sample_grid(path: str | os.PathLike, seed: int = 0, image_size: int = 1
     """
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_path
+    from fer_lib.utils import atomic_path
 
     cols = len(EXPRESSIONS)
     fig, axes = plt.subplots(2 * n_rows, cols, figsize=(cols * 1.9, 2 * n_rows * 2.05))

@@ -31,8 +31,8 @@ def subprocess_env() -> dict[str, str]:
 
 def train_cli(out_dir: Path, data_root: Path, epochs: int = 3, n_per_class: int = 6, seed: int = 1,
               extra: tuple[str, ...] = ()) -> list[str]:
-    """`python -m fer_lib.train ...` on a tiny synthetic set with exact (ground-truth) landmarks, on CPU."""
-    return [sys.executable, "-m", "fer_lib.train", "--dataset", "synthetic", "--data-root", str(data_root),
+    """`python -m fer_lib.training.train ...` on a tiny synthetic set with exact (ground-truth) landmarks, on CPU."""
+    return [sys.executable, "-m", "fer_lib.training.train", "--dataset", "synthetic", "--data-root", str(data_root),
             "--dataset-kwargs", f'{{"n_per_class": {n_per_class}, "progress": false}}',
             "--landmarks", "ground_truth", "--backbone", "resnet18", "--layers", "4,5",
             "--image-size", str(SIZE), "--batch-size", "4", "--epochs", str(epochs), "--lr", "0.02",

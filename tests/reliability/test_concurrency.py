@@ -55,7 +55,7 @@ def test_two_pipelines_on_one_results_folder_one_refuses_the_other_completes(tmp
         notebook = "{tmp_path / 'nb.ipynb'}"
         grid = {{ x = [1, 2] }}
     """))
-    cmd = [sys.executable, "-m", "fer_lib.pipeline", str(exp), "--results", str(tmp_path / "res"), "--no-render"]
+    cmd = [sys.executable, "-m", "fer_lib.workflow.pipeline", str(exp), "--results", str(tmp_path / "res"), "--no-render"]
     children = [Child(cmd), Child(cmd)]
     finished = [c.finish() for c in children]
     assert sorted(rc for rc, _, _ in finished) == [0, 3], [f[1][-1500:] + f[2][-1500:] for f in finished]
@@ -88,7 +88,7 @@ def test_two_processes_filling_one_landmark_cache_leave_only_valid_entries(tmp_p
 
 HOLD_PIPELINE_LOCK = textwrap.dedent("""
     import sys, time
-    from fer_lib.pipeline import experiment_lock
+    from fer_lib.workflow.pipeline import experiment_lock
     with experiment_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(300)
@@ -96,7 +96,7 @@ HOLD_PIPELINE_LOCK = textwrap.dedent("""
 
 
 def test_a_killed_pipeline_does_not_leave_its_results_folder_locked(tmp_path):
-    from fer_lib import pipeline
+    from fer_lib.workflow import pipeline
 
     holder = Child([sys.executable, "-c", HOLD_PIPELINE_LOCK, str(tmp_path)])
     assert holder.wait_for(lambda: b"locked" in holder.out, timeout=120)

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import fer_lib.data as data_mod
-import fer_lib.train as train_mod
-from fer_lib import interpret
-from fer_lib.losses import AUGuidedLoss
+import fer_lib.training.train as train_mod
+from fer_lib.analysis import interpret
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import build_model, min_image_size
-from fer_lib.train import TrainConfig, main
-from fer_lib.utils import ConfigError
+from fer_lib.training.train import TrainConfig, main
+from fer_lib.utils import ConfigError, resolve_device
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 
@@ -75,7 +75,7 @@ def test_cuda_on_a_machine_without_gpu(tmp_path, no_work, capsys):
     assert main(["--device", "cuda", "--out-dir", str(tmp_path / "run")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="valid choices here: auto, cpu"):
-        interpret.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 def test_min_image_size_follows_the_backbone_stride():

@@ -15,7 +15,7 @@ from PIL import Image
 from fer_lib import landmarks as L
 from fer_lib.data import SyntheticConfig, build_datasets, build_synthetic, load_csv_manifest
 from fer_lib.data.loaders import LabelError
-from fer_lib.train import TrainConfig, train
+from fer_lib.training.train import TrainConfig, train
 
 from .conftest import SIZE
 

@@ -13,7 +13,7 @@ import torch
 
 from _toy_data import toy_splits
 from fer_lib.models import load_checkpoint
-from fer_lib.train import TrainConfig, train
+from fer_lib.training.train import TrainConfig, train
 from fer_lib.utils import atomic_write_json
 
 from .conftest import REPO, SIZE, Child, subprocess_env, train_cli

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from _toy_data import ToyFER, toy_splits
-import fer_lib.train as train_mod
-from fer_lib.losses import AUGuidedLoss
+import fer_lib.training.train as train_mod
+from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import load_checkpoint
-from fer_lib.train import NonFiniteLossError, TrainConfig, train
+from fer_lib.training.train import NonFiniteLossError, TrainConfig, train
 
 from .conftest import SIZE
 

@@ -61,7 +61,7 @@ def test_failing_hanging_and_dying_notebooks_are_recorded_and_the_sweep_goes_on(
         notebook = "{nb}"
         parameters = {{ mode = "ok" }}
     """))
-    proc = subprocess.run([sys.executable, "-m", "fer_lib.pipeline", str(exp), "--results", str(tmp_path / "res"),
+    proc = subprocess.run([sys.executable, "-m", "fer_lib.workflow.pipeline", str(exp), "--results", str(tmp_path / "res"),
                            "--jobs", "2", "--no-render"], capture_output=True, text=True, cwd=REPO_ROOT,
                           env=subprocess_env(), timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

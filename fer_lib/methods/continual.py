@@ -14,7 +14,7 @@ Class-incremental protocol: task 0 learns the basic classes; each later task add
 (compound) classes; the classifier head grows (old rows kept) and, after each task, the
 model is tested on every class seen so far (no task identity at test time).
 
-Methods (`METHODS`; "+au" after a name adds the AU-alignment loss of fer_lib.losses with
+Methods (`METHODS`; "+au" after a name adds the AU-alignment loss of fer_lib.training.losses with
 `au_weight` in every task, base model included; neither paper has it):
   finetune   new-task data only, CE (lower bound)
   lwf        new-task data, CE + distillation of the previous model's old-class logits
@@ -79,12 +79,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .au import EXPRESSIONS
-from .compound import ALL_COMPOUNDS, COMPOUND_PARTS, RAFDB_COMPOUNDS, is_compound
-from .losses import AUGuidedLoss
-from .metrics import classification_metrics, map_cosine
-from .models import TappedModel, build_model, resolve_layers
-from .utils import ConfigError, check_choice, config_hash, seed_everything
+from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_PARTS, RAFDB_COMPOUNDS, is_compound
+from fer_lib.training.losses import AUGuidedLoss
+from fer_lib.metrics import classification_metrics, map_cosine
+from fer_lib.models import TappedModel, build_model, resolve_layers
+from fer_lib.utils import ConfigError, check_choice, config_hash, seed_everything, resolve_device
 
 #: method name -> (memory selection, distillation)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -191,7 +191,7 @@ def make_protocol(base_classes: Sequence[str] = EXPRESSIONS, new_classes: Sequen
 class TensorSplit:
     """One split held in memory: images, labels (ids into `class_names`), AU maps, landmark flags.
 
-    Indexing returns the project's 4-tuple, so it works as a Dataset (e.g. fer_lib.train.evaluate).
+    Indexing returns the project's 4-tuple, so it works as a Dataset (e.g. fer_lib.training.train.evaluate).
     """
 
     images: torch.Tensor  # (N, 3, S, S) normalised
@@ -374,13 +374,6 @@ def split_method(name: str) -> tuple[str, bool]:
     return base, au
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU (as fer_lib.train does)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_continual_data(config: ContinualConfig, progress: bool = True, cache_dir: str | None = None
                         ) -> dict[str, TensorSplit]:
     """Build the dataset of every class of the protocol and hold it as TensorSplits (train, test[, val]).
@@ -389,7 +382,7 @@ def load_continual_data(config: ContinualConfig, progress: bool = True, cache_di
     (e.g. RAF-DB basic + RAF-DB compound) build each with fer_lib.data.build_datasets, turn
     them into TensorSplits with `tensor_split` and join them with `merge_splits`.
     """
-    from .data import build_datasets
+    from fer_lib.data import build_datasets
 
     if config.dataset != "synthetic":
         raise ConfigError(f"load_continual_data builds the synthetic set only (got dataset={config.dataset!r}); for "
@@ -579,7 +572,7 @@ def train_task(model: TappedModel, split: TensorSplit, indices: np.ndarray, epoc
                au: bool = False, seed: int = 0, desc: str = "task", progress: bool = True) -> dict[str, float]:
     """Train `model` on split[indices] for `epochs`: CE (+AU alignment) (+distillation from `teacher`).
 
-    Optimisation mirrors fer_lib.train: SGD (Nesterov momentum) or AdamW, cosine schedule
+    Optimisation mirrors fer_lib.training.train: SGD (Nesterov momentum) or AdamW, cosine schedule
     per step, AMP + GradScaler on CUDA. Batches and augmentation come from a generator
     seeded by `seed`, so a run is repeatable on CPU.
     """
@@ -672,9 +665,9 @@ def evaluate_step(model: TappedModel, test: TensorSplit, protocol: ContinualProt
                   device: torch.device, amp: bool = False) -> dict[str, Any]:
     """Accuracy after task t on every class seen so far: old, new, overall, basic, compound, per task.
 
-    Predictions and ATT-COS come from fer_lib.train.evaluate on the test samples of the seen classes.
+    Predictions and ATT-COS come from fer_lib.training.train.evaluate on the test samples of the seen classes.
     """
-    from .train import evaluate
+    from fer_lib.training.train import evaluate
 
     order = protocol.class_order
     seen = protocol.seen(t)
@@ -780,7 +773,7 @@ def train_base_model(config: ContinualConfig, train: TensorSplit, test: TensorSp
     base = protocol.base_classes
     path = config.base_checkpoint_au if au else config.base_checkpoint
     if path:
-        from .models import load_checkpoint
+        from fer_lib.models import load_checkpoint
 
         model, ckpt = load_checkpoint(path)
         names = list(model.config["class_names"])
@@ -1073,9 +1066,9 @@ def compound_cam_views(model: TappedModel, test: TensorSplit, compounds: Sequenc
 
     One dict per image: image index, compound, parts, and maps (H, W) numpy for the keys
     "au" (the compound's AU map), "cam:<class>" for the compound and each part present in
-    the model's classes. Uses fer_lib.interpret.compute_cams (pytorch-grad-cam).
+    the model's classes. Uses fer_lib.analysis.interpret.compute_cams (pytorch-grad-cam).
     """
-    from .interpret import compute_cams
+    from fer_lib.analysis.interpret import compute_cams
 
     names = list(model.config["class_names"])
     data = test.relabel(names)
@@ -1114,7 +1107,7 @@ def cam_part_similarity(model: TappedModel, test: TensorSplit, compounds: Sequen
     """
     import pandas as pd
 
-    from .interpret import compute_cams
+    from fer_lib.analysis.interpret import compute_cams
 
     names = list(model.config["class_names"])
     data = test.relabel(names)
@@ -1148,7 +1141,7 @@ def plot_compound_cams(views: Sequence[Mapping[str, Any]], mean: Sequence[float]
     """Figure: per view, the face, its compound AU map, and CAMs for the compound and its parts."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     if not views:
         raise ValueError("no views to plot (no compound class of the model had test images)")

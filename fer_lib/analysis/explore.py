@@ -1,6 +1,6 @@
 """Interactive exploration for notebooks: one call explains one image with a trained model.
 
-    from fer_lib.explore import explore
+    from fer_lib.analysis.explore import explore
     fig, result = explore("results/main/train/guided-.../run/checkpoints/best.pt", "face.jpg")
 
 shows, side by side, the image the model saw (with the facial anchors), the class
@@ -12,8 +12,8 @@ test samples with an ipywidgets slider where ipywidgets is installed (it is opti
 dependency of the project).
 
 Nothing is re-implemented here: checkpoints load through `fer_lib.models.load_checkpoint`,
-maps come from `fer_lib.interpret` (`layer_attention_maps`, `compute_cams`), AU maps from
-`fer_lib.au.heatmap`, cosines from `fer_lib.metrics.map_cosine`, overlays from
+maps come from `fer_lib.analysis.interpret` (`layer_attention_maps`, `compute_cams`), AU maps from
+`fer_lib.faces.au.heatmap`, cosines from `fer_lib.metrics.map_cosine`, overlays from
 `fer_lib.plots.overlay`.
 """
 from __future__ import annotations
@@ -29,15 +29,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import au
-from .interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalise, layer_attention_maps,
+from fer_lib.faces import au
+from fer_lib.analysis.interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalise, layer_attention_maps,
                         resolve_device, tapped_layers)
-from .landmarks import DETECT_MAX_SIDE, FaceFinder, FaceLandmarks, as_rgb_array, crop_to_face, detect_faces, load_image
-from .metrics import map_cosine
-from .checkpoints import resolve_checkpoint
-from .models import TappedModel, input_tensor, load_checkpoint
-from .plots import overlay, save_figure
-from .utils import ConfigError
+from fer_lib.faces.landmarks import DETECT_MAX_SIDE, FaceFinder, FaceLandmarks, as_rgb_array, crop_to_face, detect_faces, load_image
+from fer_lib.metrics import map_cosine
+from fer_lib.models.checkpoints import resolve_checkpoint
+from fer_lib.models import TappedModel, input_tensor, load_checkpoint
+from fer_lib.plots import overlay, save_figure
+from fer_lib.utils import ConfigError
 
 #: CAM shown by default: works for CNNs and transformers alike
 DEFAULT_CAM = "gradcam"
@@ -102,7 +102,7 @@ class Exploration:
 def load_model(checkpoint: str | os.PathLike | nn.Module | tuple, device: str | torch.device | None = None,
                trust: bool = False) -> TappedModel:
     """A TappedModel in eval mode from a checkpoint path or shipped name (cached by path and mtime), a model
-    or (model, ckpt); checkpoints that are not plain data are refused unless `trust` (fer_lib.checkpoints)."""
+    or (model, ckpt); checkpoints that are not plain data are refused unless `trust` (fer_lib.models.checkpoints)."""
     if isinstance(checkpoint, tuple) and checkpoint and isinstance(checkpoint[0], nn.Module):
         checkpoint = checkpoint[0]
     if isinstance(checkpoint, nn.Module):
@@ -148,7 +148,7 @@ def prepare_image(image: Any, image_size: int, crop_face: bool = True, detector:
                   ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(S x S RGB uint8 input, anchors normalised on it or None, notes) for a path / array / PIL image.
 
-    Landmarks: detected with `detector` (default: the largest face of fer_lib.landmarks.FaceFinder) unless given (a
+    Landmarks: detected with `detector` (default: the largest face of fer_lib.faces.landmarks.FaceFinder) unless given (a
     FaceLandmarks or anchors normalised on `image`) or `landmarks=False` (no AU map). With
     `crop_face`, the image is cropped to the face box plus `margin` first (the aligned-crop
     setting models are trained on); then it is resized to S x S like the datasets do.
@@ -372,10 +372,10 @@ def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: 
     """Explain every face of one image (path, array or PIL) with a checkpoint (path, shipped name or model): returns
     (Figure, Exploration of the largest face), that Exploration's `faces` listing every face's.
 
-    `cam`: one of fer_lib.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
+    `cam`: one of fer_lib.analysis.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
     show (default all); `target`: the class the AU map and CAM are for (default the
     prediction; a class name or index); `path` also saves the figure; `trust`: see load_model.
-    Faces are found by fer_lib.landmarks.detect_faces (at most `max_faces`, largest first);
+    Faces are found by fer_lib.faces.landmarks.detect_faces (at most `max_faces`, largest first);
     a photo with several faces gets an overview (a box and label per face) and one row of
     panels per face, each face cropped. Given `landmarks` or a `detector` explain one face.
     """
@@ -466,7 +466,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
     """An ipywidgets slider over dataset samples that redraws `explore_sample` (needs ipywidgets).
 
     Default dataset: the checkpoint's own `split` (test) split, rebuilt from its saved
-    training config (fer_lib.interpret.checkpoint_dataset). Extra keyword arguments go to
+    training config (fer_lib.analysis.interpret.checkpoint_dataset). Extra keyword arguments go to
     `explore_sample` (cam, layers, target, ...).
     """
     if not ipywidgets_available():
@@ -481,7 +481,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
     if dataset is None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise ConfigError("pass dataset=... when checkpoint is a model (only a checkpoint file records its data)")
-        from .interpret import checkpoint_dataset
+        from fer_lib.analysis.interpret import checkpoint_dataset
 
         dataset = checkpoint_dataset(checkpoint, split=split)
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
@@ -512,15 +512,15 @@ __all__ = ["CAM_METHODS", "DEFAULT_CAM", "Exploration", "dataset_sample", "expla
 
 # ----------------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m fer_lib.explore CHECKPOINT IMAGE --out fig.png`: the figure of `explore` for every face, and each
+    """`python -m fer_lib.analysis.explore CHECKPOINT IMAGE --out fig.png`: the figure of `explore` for every face, and each
     face's numbers as JSON; errors print one line and exit 2 (--debug adds the traceback)."""
     import argparse
     import json
 
-    from .utils import atomic_write_json, run_cli
+    from fer_lib.utils import atomic_write_json, run_cli
 
-    p = argparse.ArgumentParser(prog="python -m fer_lib.explore", description=main.__doc__.split(":")[0])
-    p.add_argument("checkpoint", help="a fer_lib checkpoint or a shipped name (python -m fer_lib.checkpoints list)")
+    p = argparse.ArgumentParser(prog="python -m fer_lib.analysis.explore", description=main.__doc__.split(":")[0])
+    p.add_argument("checkpoint", help="a fer_lib checkpoint or a shipped name (python -m fer_lib.models.checkpoints list)")
     p.add_argument("image", help="a photo; every face in it is explored")
     p.add_argument("--cam", default=DEFAULT_CAM, help=f"one of: {', '.join(CAM_METHODS)}")
     p.add_argument("--layers", default=None, help="tapped layers whose attention is shown (default: all)")

@@ -36,7 +36,7 @@ longer pulls positives together; the softmax push is bounded (unlike an unbounde
 paper's ablation). The EMA momentum follows BYOL's cosine schedule from `ema` to 1.
 
 AU-aware warping (new, `au_aware=True`): the local warps are concentrated on the AU regions
-of the face (see fer_lib.warps), so the negatives change exactly the geometry the AU
+of the face (see fer_lib.methods.warps), so the negatives change exactly the geometry the AU
 codebook says carries the expression.
 
 Outputs: `pretrain()` writes `<out_dir>/checkpoints/backbone.pt` (the timm backbone's state
@@ -62,9 +62,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, config_hash,
+from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, config_hash, resolve_device,
                     run_info, seed_everything)
-from .warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps, random_displacement,
+from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps, random_displacement,
                     sample_global_params)
 
 OBJECTIVES: tuple[str, ...] = ("infonce", "margin", "byol")
@@ -72,16 +72,6 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 LANDMARK_MODES: tuple[str, ...] = ("ground_truth", "detect", "none")
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU fails clearly."""
-    check_choice("device", device, DEVICES)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -148,7 +138,7 @@ class SSLConfig:
         if not isinstance(self.dataset_kwargs, dict):
             raise ConfigError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
         self.warp = dataclasses.replace(self.warp, au_aware=bool(self.au_aware))
-        from .models import available_layers
+        from fer_lib.models import available_layers
 
         available_layers(self.backbone)  # unknown backbone -> ConfigError listing valid names
 
@@ -183,14 +173,14 @@ class UnlabelledImages(Dataset):
     Built from any dataset: `from_dataset(ds)` uses `ds.sample(i, augment=False)` when the
     dataset has it (fer_lib.data.FERDataset: RGB uint8 at the dataset's size and its anchors
     in that frame), else un-normalises `ds[i][0]` with `ds.mean`/`ds.std`. `from_paths`
-    reads image files (fer_lib.landmarks.load_image) and resizes them. Unreadable items are
+    reads image files (fer_lib.faces.landmarks.load_image) and resizes them. Unreadable items are
     skipped and listed in `.skipped` as (item, reason).
     """
 
     def __init__(self, images: torch.Tensor, anchors: np.ndarray, labels: np.ndarray | None = None,
                  mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                  skipped: Sequence[tuple[str, str]] = ()) -> None:
-        from .landmarks import ANCHORS
+        from fer_lib.faces.landmarks import ANCHORS
 
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 tensor (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
@@ -222,7 +212,7 @@ class UnlabelledImages(Dataset):
         """Collect the (un-augmented) images and anchors of any dataset; labels are not used for training."""
         from tqdm.auto import tqdm
 
-        from .landmarks import ANCHORS
+        from fer_lib.faces.landmarks import ANCHORS
 
         n = len(dataset)
         if n == 0:
@@ -274,7 +264,7 @@ class UnlabelledImages(Dataset):
         from PIL import Image
         from tqdm.auto import tqdm
 
-        from .landmarks import ANCHORS, ImageError, load_image
+        from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
 
         images, kept, skipped = [], [], []
         for j, p in enumerate(tqdm(paths, desc="reading images", disable=not progress)):
@@ -350,7 +340,7 @@ def feature_dim(net: nn.Module, image_size: int) -> int:
 
 def create_backbone(backbone: str, image_size: int) -> nn.Module:
     """The timm model of fer_lib.models.build_model with its classifier removed (pooled features out)."""
-    from .models import build_model
+    from fer_lib.models import build_model
 
     net = build_model(backbone, image_size=image_size).net
     net.reset_classifier(0)
@@ -471,7 +461,7 @@ def backbone_with_fresh_head(path: str | Path, backbone: str, out_path: str | Pa
     For loaders that require every key, e.g. `fer_lib.models.build_model(..., weights=...)`
     while its loader rejects a state dict without classifier keys.
     """
-    from .models import build_model
+    from fer_lib.models import build_model
 
     torch.manual_seed(seed)
     net = build_model(backbone, num_classes=num_classes, image_size=image_size).net
@@ -494,7 +484,7 @@ def _build_pretrain_images(config: SSLConfig, datasets: Mapping[str, Any] | Any 
     if isinstance(datasets, UnlabelledImages):
         return datasets
     if datasets is None:
-        from .data import build_datasets
+        from fer_lib.data import build_datasets
 
         datasets = build_datasets(config.dataset, root=config.data_root, image_size=config.image_size,
                                   seed=config.seed, landmarks=config.landmarks, augment=False,
@@ -578,7 +568,7 @@ def pretrain(config: SSLConfig, datasets: Mapping[str, Any] | Any | None = None,
         history.append(record)
         if progress:
             extra = f" s+ {record.get('s_pos', float('nan')):.3f} s- {record.get('s_neg', float('nan')):.3f}"
-            print(f"[fer_lib.ssl] epoch {epoch}: loss {record.get('loss', float('nan')):.4f}{extra}", flush=True)
+            print(f"[fer_lib.methods.ssl] epoch {epoch}: loss {record.get('loss', float('nan')):.4f}{extra}", flush=True)
     train_time = time.perf_counter() - t_start
     ckpt_dir = out_dir / "checkpoints"
     meta = {"backbone": config.backbone, "image_size": data.image_size, "mean": list(data.mean),
@@ -626,7 +616,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from .metrics import classification_metrics
+    from fer_lib.metrics import classification_metrics
 
     scaler = StandardScaler().fit(train_x)
     clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
@@ -683,7 +673,7 @@ def evaluate_representation(net: nn.Module, train_set: Any, test_set: Any, class
                             k: int = 10, device: torch.device | str = "cpu", seed: int = 0,
                             progress: bool = True, return_features: bool = False) -> dict[str, Any]:
     """Linear probe, k-NN accuracy and retrieval (test queries against the train gallery) of a frozen backbone."""
-    from .metrics import classification_metrics
+    from fer_lib.metrics import classification_metrics
 
     tr_x, tr_y = extract_features(net, train_set, device=device, progress=progress, desc="features train")
     te_x, te_y = extract_features(net, test_set, device=device, progress=progress, desc="features test")
@@ -719,7 +709,7 @@ class ExperimentConfig:
     ablation: bool = True  # also pretrain BYOL-only and the other warp variant (uniform <-> AU-aware)
     supervised_epochs: int = 5  # 0 = no supervised baseline
     supervised_lr: float = 0.01
-    finetune_epochs: int = 0  # >0: fine-tune (fer_lib.train, CE) from scratch and from ContraWarping weights
+    finetune_epochs: int = 0  # >0: fine-tune (fer_lib.training.train, CE) from scratch and from ContraWarping weights
     knn_k: int = 10
     seed: int = 0
     device: str = "auto"
@@ -766,8 +756,8 @@ def variant_name(objective: str, au_aware: bool) -> str:
 
 def _supervised_backbone(cfg: ExperimentConfig, datasets: Mapping[str, Any], out_dir: Path,
                          epochs: int, weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    from .models import load_checkpoint
-    from .train import TrainConfig, train
+    from fer_lib.models import load_checkpoint
+    from fer_lib.training.train import TrainConfig, train
 
     tc = TrainConfig(dataset=cfg.dataset, data_root=cfg.data_root, landmarks=cfg.landmarks, backbone=cfg.backbone,
                      image_size=cfg.image_size, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.supervised_lr,
@@ -782,9 +772,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     """Pretrain the variants, evaluate every frozen backbone; writes <out_dir>/results.json and returns it.
 
     Backbones compared: random initialisation, each ContraWarping variant, and (when
-    supervised_epochs > 0) a CE-trained one from fer_lib.train on the labelled train split.
+    supervised_epochs > 0) a CE-trained one from fer_lib.training.train on the labelled train split.
     """
-    from .data import build_datasets
+    from fer_lib.data import build_datasets
 
     out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
@@ -863,7 +853,7 @@ def plot_views(images: UnlabelledImages, path: str | Path, n: int = 6, seed: int
     """Per face (rows): source, positives v1 and v2, then per warp mode (uniform, AU-aware) the negative n1 and |d1|."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     n = min(n, len(images))
     x = images.images[:n].float() / 255
@@ -903,7 +893,7 @@ def plot_pretraining(results: Mapping[str, Any], path: str | Path) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     rows = [{"variant": name, **h} for name, run in results["pretraining"].items() for h in run["history"]]
     frame = pd.DataFrame(rows)
@@ -926,7 +916,7 @@ def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     frame = pd.DataFrame(results["table"])
     keep = ["linear_probe_acc", "knn_acc", "retrieval_precision@1", "retrieval_mAP"]
@@ -949,7 +939,7 @@ def plot_retrieval(results: Mapping[str, Any], path: str | Path, backbones: Sequ
     """For a few test queries: the top-k train images per backbone (green title = same expression)."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     feats = results["_features"]
     data = results["_datasets"]

@@ -13,10 +13,10 @@ without unpickling arbitrary objects.
   card holding the model config, recipe and metrics. `save_shipped` / `read_shipped` write and
   read that pair; `shipped_checkpoints()` lists them by name.
 - `convert(old, new)`: rewrites an old fer_lib checkpoint (after an explicit trust) in the safe
-  format: `python -m fer_lib.checkpoints convert OLD.pt NEW.pt --trust-checkpoint`.
+  format: `python -m fer_lib.models.checkpoints convert OLD.pt NEW.pt --trust-checkpoint`.
 - `ship(checkpoint, name, evaluation, card)`: a training checkpoint as a shipped one:
-  `python -m fer_lib.checkpoints ship runs/x/checkpoints/best.pt NAME --evaluation eval.json`;
-  `python -m fer_lib.checkpoints list` lists them.
+  `python -m fer_lib.models.checkpoints ship runs/x/checkpoints/best.pt NAME --evaluation eval.json`;
+  `python -m fer_lib.models.checkpoints list` lists them.
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .utils import REPO_ROOT, ConfigError, atomic_path, atomic_write_json, run_cli
+from fer_lib.utils import REPO_ROOT, ConfigError, atomic_path, atomic_write_json, run_cli
 
 #: where the package keeps its shipped checkpoints (`<name>.safetensors` + `<name>.json`)
-SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 #: the command-line opt-in named in every refusal
 TRUST_FLAG = "--trust-checkpoint"
 
@@ -81,7 +81,7 @@ def _refusal(path: Path, reason: str) -> UnsafeCheckpointError:
         f"refused to load {path}: it is not plain tensor data ({reason}); loading it could run code. "
         f"fer_lib checkpoints written since this version load safely. If you made this file yourself, opt in "
         f"with {TRUST_FLAG} (trust=True in Python), or rewrite it once in the safe format: "
-        f"python -m fer_lib.checkpoints convert {path} NEW.pt {TRUST_FLAG}")
+        f"python -m fer_lib.models.checkpoints convert {path} NEW.pt {TRUST_FLAG}")
 
 
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False) -> Any:
@@ -202,7 +202,7 @@ def read_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = 
     ckpt = load_file(path, map_location=map_location, trust=trust)
     if not isinstance(ckpt, dict) or "model_state" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not a fer_lib checkpoint (it needs 'model_state' and 'model_config'; "
-                              f"give the .pt written by fer_lib.train, a shipped .safetensors, or a shipped name)")
+                              f"give the .pt written by fer_lib.training.train, a shipped .safetensors, or a shipped name)")
     return ckpt
 
 
@@ -278,7 +278,7 @@ def restore_rng_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`convert OLD NEW --trust-checkpoint`, or `list` the shipped checkpoints."""
-    parser = argparse.ArgumentParser(prog="python -m fer_lib.checkpoints", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fer_lib.models.checkpoints", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="rewrite an old fer_lib checkpoint in the safe format")
     conv.add_argument("old")
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shp = sub.add_parser("ship", help="write a training checkpoint as a shipped one (fp16 safetensors + model card)")
     shp.add_argument("checkpoint")
     shp.add_argument("name")
-    shp.add_argument("--evaluation", help="JSON of python -m fer_lib.evaluate for this checkpoint (metrics)")
+    shp.add_argument("--evaluation", help="JSON of python -m fer_lib.analysis.evaluate for this checkpoint (metrics)")
     shp.add_argument("--card", help="JSON object merged into the model card (protocol, recipe, terms, ...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)

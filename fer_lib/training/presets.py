@@ -1,10 +1,10 @@
 """Named training presets: ready-made `TrainConfig`s for the datasets the project runs on.
 
-    from fer_lib.presets import preset
+    from fer_lib.training.presets import preset
     config = preset("fer2013_lite0", au_weight=9, out_dir="runs/fer_lite0")   # the shipped checkpoints' recipe
-    fer_lib.train.train(config)
+    fer_lib.training.train.train(config)
 
-or from the command line: `python -m fer_lib.presets fer2013 --set epochs=5` prints the
+or from the command line: `python -m fer_lib.training.presets fer2013 --set epochs=5` prints the
 config as JSON (and `--list` lists the presets).
 
 Each preset is a function returning a dict of `TrainConfig` fields; `preset(name, **overrides)`
@@ -13,7 +13,7 @@ the validated `TrainConfig`. A dataset option override goes through `dataset_kwa
 key by key into the preset's own options).
 
 FER2013 (48x48 grayscale faces, `../shared/data/fer2013` when it exists, see its README):
-grayscale images are read as 3 equal channels (fer_lib.landmarks.as_rgb_array), resized to the
+grayscale images are read as 3 equal channels (fer_lib.faces.landmarks.as_rgb_array), resized to the
 model's input size (`image_size`: 48 keeps the native resolution, 96/112 upscales so that a
 stride-32 CNN's last stage is 3x3 / 4x4 instead of 2x2), and augmented with what suits small
 faces: a random crop of 80-100% of the side, a horizontal flip that swaps the subject's
@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .data.dataset import DEFAULT_FER2013_ROOT, AugmentConfig
-from .train import TrainConfig
-from .utils import ConfigError, check_choice, run_cli
+from fer_lib.data.dataset import DEFAULT_FER2013_ROOT, AugmentConfig
+from fer_lib.training.train import TrainConfig
+from fer_lib.utils import ConfigError, check_choice, run_cli
 
 #: augmentations for 48 px faces (all geometric ones move the landmarks with the image)
 FER2013_AUGMENT = AugmentConfig(crop_scale=(0.8, 1.0), rotation_deg=10.0, flip_p=0.5, color_jitter=0.2)
@@ -74,7 +74,7 @@ def fer2013_lite0_preset(data_root: str | Path | None = None) -> dict[str, Any]:
     """Real faces at the literature's level on a 2-core CPU: ImageNet tf_efficientnet_lite0, 112 px, stage 4 (7x7), all Training, 6 epochs."""
     # official protocol: fit on Training (all 28,709 faces), select and report on PublicTest ("val");
     # blocks.4 (stride 16) gives a 7x7 attention map at 112 px, as the paper's ResNet50 layer 5 at 224 px;
-    # inputs normalised as the pretrained weights expect (mean = std = 0.5, set by fer_lib.train)
+    # inputs normalised as the pretrained weights expect (mean = std = 0.5, set by fer_lib.training.train)
     return {
         "dataset": "fer2013", "data_root": fer2013_root(data_root), "landmarks": "detect", "augment": True,
         "dataset_kwargs": {"augment_config": dataclasses.asdict(FER2013_AUGMENT)},
@@ -155,7 +155,7 @@ def _parse_value(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print a preset's TrainConfig as JSON (`--set field=value` overrides, JSON values accepted)."""
-    parser = argparse.ArgumentParser(prog="python -m fer_lib.presets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fer_lib.training.presets", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")

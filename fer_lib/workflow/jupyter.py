@@ -6,10 +6,10 @@ written to the user's home and deleting .venv removes it. Notebooks name it in t
 metadata, so JupyterLab opens them in the right environment without asking; papermill runs
 them with `-k python3` (the environment's own default kernel), which needs no registration.
 
-    python -m fer_lib.jupyter lab            # register the kernel if needed, open JupyterLab on the repo
-    python -m fer_lib.jupyter kernel         # register (or refresh) the kernel only
-    python -m fer_lib.jupyter notebooks      # write the kernelspec into notebooks/*.ipynb metadata
-    python -m fer_lib.jupyter notebooks --check   # exit 1 listing notebooks that lack it
+    python -m fer_lib.workflow.jupyter lab            # register the kernel if needed, open JupyterLab on the repo
+    python -m fer_lib.workflow.jupyter kernel         # register (or refresh) the kernel only
+    python -m fer_lib.workflow.jupyter notebooks      # write the kernelspec into notebooks/*.ipynb metadata
+    python -m fer_lib.workflow.jupyter notebooks --check   # exit 1 listing notebooks that lack it
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .utils import REPO_ROOT, atomic_write_text
+from fer_lib.utils import REPO_ROOT, atomic_write_text
 
 #: the kernel's name (what notebook metadata and `jupyter kernelspec list` show)
 KERNEL_NAME = "fer-au"
@@ -123,7 +123,7 @@ def lab_command(notebook_dir: str | os.PathLike = REPO_ROOT, ip: str = "127.0.0.
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `kernel`, `lab` and `notebooks` (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m fer_lib.jupyter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fer_lib.workflow.jupyter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kernel", help=f"register the {KERNEL_DISPLAY_NAME!r} kernel in this environment")
     k.add_argument("--user", action="store_true", help="also register it for the current user (~/.local), "

@@ -1,7 +1,7 @@
 """Action units: the expression->AU codebook, AU regions on named anchors, and heatmap renderers.
 
 The codebook is the paper's (Belharbi et al., FG 2024, Fig. 2). Each AU is a set of
-Gaussian blobs centred on named facial anchors (fer_lib.landmarks.ANCHORS); an
+Gaussian blobs centred on named facial anchors (fer_lib.faces.landmarks.ANCHORS); an
 expression's heatmap is the max over its AUs' blobs, normalised to [0, 1].
 
 Blob width follows the reference code: variance 64 px^2 at 224 px, i.e. sigma = 8/224 of
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .landmarks import ANCHOR_INDEX, ANCHORS, FaceLandmarks
+from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS, FaceLandmarks
 
 #: the project's label order (AffectNet's first seven); every loader maps its own order to this
 EXPRESSIONS: tuple[str, ...] = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger")

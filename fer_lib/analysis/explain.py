@@ -2,7 +2,7 @@
 
 An expert explains an expression by its action units ("happiness: AU12 and AU6"). This module
 turns a model's explanation map (the layer attention of a tapped stage, or a CAM from
-`fer_lib.interpret.compute_cams`) into that vocabulary, for one face or a whole test set:
+`fer_lib.analysis.interpret.compute_cams`) into that vocabulary, for one face or a whole test set:
 
     model, _ = load_checkpoint("best.pt")
     item = explain_images(model, ["face.jpg"])[0]       # detects landmarks (MediaPipe)
@@ -12,13 +12,13 @@ turns a model's explanation map (the layer attention of a tapped stage, or a CAM
 or on the command line, over photos, folders and globs (every face of every photo, a progress
 bar, one summary `explain_summary.csv` / `.json` for the batch, resumable: rerun the same command
 after an interruption; photos without a face or unreadable are listed with the reason):
-`python -m fer_lib.explain photos/ 'more/**/*.jpg' --checkpoint best.pt --out expl/`.
+`python -m fer_lib.analysis.explain photos/ 'more/**/*.jpg' --checkpoint best.pt --out expl/`.
 
 AU evidence (the exact formulas)
 --------------------------------
 Let M >= 0 be the explanation map at image size (attention is min-max scaled to [0, 1] as
 CAMs are; negative values count as 0), N the number of pixels, and R_a the region of AU a on
-this face: the pixels where `fer_lib.au.au_map(anchors, a)` >= `threshold` (default 0.5, the
+this face: the pixels where `fer_lib.faces.au.au_map(anchors, a)` >= `threshold` (default 0.5, the
 half-maximum contour of the AU's Gaussian blobs on its landmarks). Then
 
     mass_share(a) = sum(M * R_a) / sum(M)        share of the explanation inside the region
@@ -69,17 +69,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .au import ALL_AUS, AU_NAMES, CODEBOOK, au_map
-from .models import input_tensor
-from .interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale, resolve_device,
+from fer_lib.faces.au import ALL_AUS, AU_NAMES, CODEBOOK, au_map
+from fer_lib.models import input_tensor
+from fer_lib.analysis.interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale,
                         tapped_layers)
-from .landmarks import (ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array, crop_to_face,
+from fer_lib.faces.landmarks import (ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array, crop_to_face,
                         detect_landmarks)
-from .utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, run_info
+from fer_lib.utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, resolve_device, run_info
 
 #: the map name for the layer attention (mean over channels of a tapped stage)
 ATTENTION = "attention"
-#: every explanation map `explain_*` accepts: layer attention or a CAM method of fer_lib.interpret
+#: every explanation map `explain_*` accepts: layer attention or a CAM method of fer_lib.analysis.interpret
 MAP_CHOICES: tuple[str, ...] = (ATTENTION, *CAM_METHODS)
 #: how a deleted region is filled
 FILL_MODES: tuple[str, ...] = ("mean", "blur")
@@ -114,7 +114,7 @@ def _check_anchors(anchors: Any) -> np.ndarray:
     arr = np.asarray(anchors, np.float32)
     if arr.shape != (len(ANCHORS), 2):
         raise ValueError(f"anchors must be ({len(ANCHORS)}, 2) normalised coordinates "
-                         f"(fer_lib.landmarks.ANCHORS); got shape {arr.shape}")
+                         f"(fer_lib.faces.landmarks.ANCHORS); got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError("anchors contain NaN/inf: this face has no landmarks, so it has no AU regions")
     return arr
@@ -339,7 +339,7 @@ def explanation_maps(model: nn.Module, images: torch.Tensor, map_name: str = ATT
     """The explanation maps (B, H, W) at image size, non-negative, and their label ('attention:layer4', 'gradcam').
 
     Attention: the tapped `layer`'s (default: the model's last tap) mean over channels, bilinearly upsampled,
-    then min-max scaled ("minmax") or clamped at 0 ("relu"). CAMs: fer_lib.interpret.compute_cams
+    then min-max scaled ("minmax") or clamped at 0 ("relu"). CAMs: fer_lib.analysis.interpret.compute_cams
     for `class_ids` (already in [0, 1]).
     """
     map_name = check_map(map_name)
@@ -412,7 +412,7 @@ def model_input(rgb: np.ndarray, anchors: np.ndarray | None, model: nn.Module) -
     """Resize a face (RGB uint8) to the model's input size exactly as the datasets do; (rgb, anchors, tensor)."""
     from PIL import Image
 
-    from .data import geometric_transform
+    from fer_lib.data import geometric_transform
 
     cfg = getattr(model, "config", {}) or {}
     size = int(cfg.get("image_size") or 112)
@@ -449,7 +449,7 @@ FACE_MARGIN = 0.25
 
 def _photo_faces(item: Any, max_faces: int | None, finder: Any, cache: Any) -> tuple[np.ndarray, list[Any], list[str]]:
     """(the photo upright as RGB, its faces largest first, notes on how it was read); ImageError if unreadable."""
-    from .landmarks import DETECT_MAX_SIDE, detect_faces, read_image
+    from fer_lib.faces.landmarks import DETECT_MAX_SIDE, detect_faces, read_image
 
     notes: list[str] = []
     if isinstance(item, (str, os.PathLike)):
@@ -469,7 +469,7 @@ def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, lay
     """Explain every face of image files / arrays / PIL images (or one of them): find faces, resize as the datasets
     do, explain.
 
-    Faces: `fer_lib.landmarks.detect_faces` (full-range face detector, then FaceMesh on each
+    Faces: `fer_lib.faces.landmarks.detect_faces` (full-range face detector, then FaceMesh on each
     face), largest first, at most `max_faces` per photo (None: all); a `detector` given (a
     LandmarkDetector) instead finds one face per image. A photo with one face is fed whole
     (`crop_margin=None`, as the datasets do) or cropped to the face with that margin; with
@@ -480,7 +480,7 @@ def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, lay
     """
     from tqdm.auto import tqdm
 
-    from .landmarks import FaceFinder, as_image_sequence
+    from fer_lib.faces.landmarks import FaceFinder, as_image_sequence
 
     map_name = check_map(map_name)
     threshold = check_threshold(threshold)
@@ -554,7 +554,7 @@ def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, lay
 
 def _single_face(landmarks: Any) -> Any:
     """A one-face result of a single-face LandmarkDetector, in detect_faces' terms (index 0, its landmark box)."""
-    from .landmarks import Face, landmark_box
+    from fer_lib.faces.landmarks import Face, landmark_box
 
     b = landmark_box(landmarks)
     w, h = landmarks.image_size
@@ -807,7 +807,7 @@ def evaluate_dataset(model: nn.Module, dataset: Any, n_samples: int | None = 64,
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .interpret import subset_indices
+    from fer_lib.analysis.interpret import subset_indices
 
     map_name = check_map(map_name)
     threshold = check_threshold(threshold)
@@ -941,7 +941,7 @@ def evidence_figure(ev: AUEvidence, path: str | os.PathLike | None = None, show_
     from matplotlib.colors import to_hex
     from matplotlib.lines import Line2D
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.9), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     image = ev.image if ev.image is not None else np.full((*ev.saliency.shape, 3), 128, np.uint8)
@@ -994,7 +994,7 @@ def deletion_figure(reports: Mapping[str, EvidenceReport], path: str | os.PathLi
     (mean change of the score from the original face, +- standard error)."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     fig, axes = plt.subplots(1, 1 + len(reports), figsize=(4.2 * (1 + len(reports)), 3.6), squeeze=False)
     axes = axes[0]
@@ -1037,7 +1037,7 @@ def spearman_figure(reports: Mapping[str, EvidenceReport], path: str | os.PathLi
     """Per-image Spearman(evidence, true AU intensity) for each model (box + points), and per AU."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 2]})
     data, labels = [], []
@@ -1077,7 +1077,7 @@ def codebook_figure(class_table: Any, path: str | os.PathLike | None = None, tit
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from .plots import save_figure
+    from fer_lib.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(0.45 * class_table.shape[1] + 2.5, 0.45 * class_table.shape[0] + 1.6))
     vals = class_table.to_numpy(float)
@@ -1106,7 +1106,7 @@ def train_pair(out_dir: str | os.PathLike, image_size: int = 64, epochs: int = 1
     A smoke-test helper for the notebook when no checkpoints are given: tiny and near chance
     by default; raise image_size / epochs / n_per_class for meaningful numbers.
     """
-    from .train import TrainConfig, train
+    from fer_lib.training.train import TrainConfig, train
 
     out_dir = Path(out_dir)
     common = dict(dataset="synthetic", landmarks=landmarks, backbone=backbone, image_size=int(image_size),
@@ -1140,7 +1140,7 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     """
     import glob
 
-    from .landmarks import IMAGE_EXTENSIONS
+    from fer_lib.faces.landmarks import IMAGE_EXTENSIONS
 
     out: list[str] = []
     for item in items:
@@ -1200,7 +1200,7 @@ def faces_overview(photo: Any, results: Sequence[ExplainedImage], path: str | os
 
     from PIL import Image, ImageDraw, ImageFont
 
-    from .utils import atomic_write_bytes
+    from fer_lib.utils import atomic_write_bytes
 
     image = Image.fromarray(as_rgb_array(photo))
     draw = ImageDraw.Draw(image)
@@ -1237,7 +1237,7 @@ class BatchJournal:
     """
 
     def __init__(self, path: str | os.PathLike, options: Mapping[str, Any]) -> None:
-        from .utils import config_hash
+        from fer_lib.utils import config_hash
 
         self.path = Path(path)
         self.options_hash = config_hash(dict(options))
@@ -1296,16 +1296,16 @@ def _json_safe(obj: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `python -m fer_lib.explain` argument parser."""
-    p = argparse.ArgumentParser(prog="python -m fer_lib.explain",
+    """The `python -m fer_lib.analysis.explain` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m fer_lib.analysis.explain",
                                 description="Explain expression predictions by action units: per-AU evidence for "
                                             "every face of every photo, an overlay figure and a table per face, and "
                                             "one summary (CSV and JSON) for the whole batch; resumable.")
     p.add_argument("images", nargs="+", help="photos, folders of photos (searched recursively) or glob patterns "
                                              "(quoted, e.g. 'photos/**/*.jpg'); every face is explained")
     p.add_argument("--checkpoint", required=True,
-                   help="a fer_lib checkpoint (best.pt of fer_lib.train, a shipped .safetensors) or a shipped name "
-                        "(python -m fer_lib.checkpoints list), e.g. fer2013_lite0_guided")
+                   help="a fer_lib checkpoint (best.pt of fer_lib.training.train, a shipped .safetensors) or a shipped name "
+                        "(python -m fer_lib.models.checkpoints list), e.g. fer2013_lite0_guided")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that is not plain data (unpickles code): only for a file you made")
     p.add_argument("--cam", default=None, help=f"explain with a CAM instead of the layer attention; one of: "
@@ -1347,7 +1347,7 @@ def explain_batch_files(args: argparse.Namespace) -> int:
     if args.crop_margin is not None and not 0.0 <= args.crop_margin <= 2.0:
         raise ConfigError(f"--crop-margin must be in [0, 2] (a fraction of the face box), got {args.crop_margin}")
     photos = expand_inputs(args.images)
-    from .models import load_checkpoint
+    from fer_lib.models import load_checkpoint
 
     model, _ = load_checkpoint(args.checkpoint, map_location="cpu", trust=args.trust_checkpoint)
     model = model.to(resolve_device(args.device)).eval()
@@ -1439,7 +1439,7 @@ def explain_batch_files(args: argparse.Namespace) -> int:
 
 def explain_photo_rgb(photo: Any) -> np.ndarray:
     """A photo as explain reads it for detection: upright, at most DETECT_MAX_SIDE on its longer side."""
-    from .landmarks import DETECT_MAX_SIDE, load_image
+    from fer_lib.faces.landmarks import DETECT_MAX_SIDE, load_image
 
     return load_image(photo, max_side=DETECT_MAX_SIDE) if isinstance(photo, (str, os.PathLike)) else as_rgb_array(photo)
 
@@ -1447,7 +1447,7 @@ def explain_photo_rgb(photo: Any) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: explain every face of each photo; exit status = number of photos that could not be explained
     (max 100), or 2 for an error in the options, the checkpoint or the output folder (one line, no traceback)."""
-    from .utils import run_cli
+    from fer_lib.utils import run_cli
 
     args = build_parser().parse_args(argv)
     return run_cli(lambda: explain_batch_files(args), args.debug, user_errors=(FileNotFoundError, ValueError))

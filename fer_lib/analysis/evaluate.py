@@ -1,7 +1,7 @@
 """Evaluate any fer_lib checkpoint on any supported dataset: one command, no other configuration.
 
-    python -m fer_lib.evaluate --checkpoint runs/r18/checkpoints/best.pt --data ../shared/data/fer2013
-    python -m fer_lib.evaluate --checkpoint best.pt --data my_faces/ --cam-methods gradcam,cam --out eval.json
+    python -m fer_lib.analysis.evaluate --checkpoint runs/r18/checkpoints/best.pt --data ../shared/data/fer2013
+    python -m fer_lib.analysis.evaluate --checkpoint best.pt --data my_faces/ --cam-methods gradcam,cam --out eval.json
 
 The checkpoint carries everything needed to rebuild the model and read the data the way it
 was trained (backbone, tapped layers, image size, class order, normalisation:
@@ -11,8 +11,8 @@ or without train/val/test split folders; without split folders every image is ev
 Without `--data` the checkpoint's own training dataset is used (its full `--split`).
 
 Reported: accuracy, macro-F1, per-class accuracy, confusion matrix (rows = true class),
-ATT-COS per tapped layer (fer_lib.train.evaluate), CAM-COS per CAM method on a seeded subset
-(fer_lib.interpret.evaluate_checkpoint; CAMs cost a backward pass each), and the landmark
+ATT-COS per tapped layer (fer_lib.training.train.evaluate), CAM-COS per CAM method on a seeded subset
+(fer_lib.analysis.interpret.evaluate_checkpoint; CAMs cost a backward pass each), and the landmark
 detection rate overall and per class (MediaPipe through the on-disk cache). Map scores count
 only samples with a valid AU map (landmarks found and a class with AUs; neutral has none).
 Unreadable images are skipped, counted and listed with the reason. The JSON is written
@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .metrics import protocol_note
-from .utils import ConfigError, UserError, atomic_write_json, check_choice, repo_relative, run_cli, run_info
+from fer_lib.metrics import protocol_note
+from fer_lib.utils import ConfigError, UserError, atomic_write_json, check_choice, repo_relative, run_cli, run_info
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
 DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
@@ -45,8 +45,8 @@ class EvaluationError(UserError, RuntimeError):
 
 def _load_model(checkpoint: str | Path, trust: bool = False):
     """(model, checkpoint dict) from a checkpoint file or shipped name; files that are not plain data are
-    refused unless `trust` (fer_lib.checkpoints)."""
-    from .models import load_checkpoint
+    refused unless `trust` (fer_lib.models.checkpoints)."""
+    from fer_lib.models import load_checkpoint
 
     try:
         return load_checkpoint(checkpoint, map_location="cpu", trust=trust)
@@ -71,7 +71,7 @@ def guess_dataset(data: str | Path) -> str:
 
 
 def _folder_has_splits(root: Path) -> bool:
-    from .data.loaders import SPLIT_NAMES
+    from fer_lib.data.loaders import SPLIT_NAMES
 
     return any(d.is_dir() and d.name.lower() in SPLIT_NAMES for d in root.iterdir())
 
@@ -81,8 +81,8 @@ def load_eval_dataset(model_config: dict[str, Any], train_config: dict[str, Any]
                       cache_dir: str | None = None, seed: int = 0, progress: bool = True,
                       dataset_kwargs: dict[str, Any] | None = None) -> tuple[Any, str, str]:
     """Build the unaugmented split to evaluate, read the way the model expects; returns (dataset, name, split)."""
-    from .data import build_datasets
-    from .data.dataset import DATASETS
+    from fer_lib.data import build_datasets
+    from fer_lib.data.dataset import DATASETS
 
     kwargs: dict[str, Any] = dict(dataset_kwargs or {})
     kwargs.setdefault("progress", progress)
@@ -156,8 +156,9 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
                                 seed: int = 0, device: str = "auto", progress: bool = True,
                                 dataset_kwargs: dict[str, Any] | None = None, trust: bool = False) -> dict[str, Any]:
     """Every metric of one checkpoint on one dataset split, as a JSON-ready dict (see the module docstring)."""
-    from .interpret import check_cam_methods, evaluate_checkpoint, resolve_device, subset_indices
-    from .train import evaluate as train_evaluate
+    from fer_lib.analysis.interpret import check_cam_methods, evaluate_checkpoint, subset_indices
+    from fer_lib.utils import resolve_device
+    from fer_lib.training.train import evaluate as train_evaluate
 
     methods = check_cam_methods(cam_methods) if cam_methods not in (None, "", "none", ()) else []
     check_choice("landmarks", landmarks, ("detect", "ground_truth", "none"))
@@ -230,7 +231,7 @@ def _is_fer2013(data: str | Path | None) -> bool:
 
 def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:
     """Run each CAM method once on a blank input, so a method this model cannot use fails before any data is read."""
-    from .interpret import compute_cams
+    from fer_lib.analysis.interpret import compute_cams
 
     size = int(model.config.get("image_size") or 112)
     x = torch.zeros(1, int(model.config.get("in_chans") or 3), size, size)
@@ -246,7 +247,7 @@ def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:
 
 def _has_own_cam(model: torch.nn.Module) -> bool:
     """Whether the model's own CAM (classifier weights x last features) applies: a GAP + linear head."""
-    from .interpret import own_cam
+    from fer_lib.analysis.interpret import own_cam
 
     try:
         x = torch.zeros(1, 3, int(model.config["image_size"]), int(model.config["image_size"]))
@@ -362,8 +363,8 @@ def make_synthetic_imagefolder(root: str | Path, n_per_class: int = 2, size: int
     """A tiny FER2013-style ImageFolder (<root>/<split>/<class>/*.png, grayscale) of synthetic faces, for demos/smoke runs."""
     from PIL import Image
 
-    from .data import generate_sample
-    from .utils import atomic_path
+    from fer_lib.data import generate_sample
+    from fer_lib.utils import atomic_path
 
     folders = folders or {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness",
                           "neutral": "neutral", "sad": "sadness", "surprise": "surprise"}
@@ -383,13 +384,13 @@ def make_synthetic_imagefolder(root: str | Path, n_per_class: int = 2, size: int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options of `python -m fer_lib.evaluate`."""
-    from .data.dataset import DATASETS
+    """The command-line options of `python -m fer_lib.analysis.evaluate`."""
+    from fer_lib.data.dataset import DATASETS
 
-    p = argparse.ArgumentParser(prog="python -m fer_lib.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fer_lib.analysis.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a fer_lib checkpoint (.pt from fer_lib.train, a shipped .safetensors) or a shipped name "
-                        "(python -m fer_lib.checkpoints list)")
+                   help="a fer_lib checkpoint (.pt from fer_lib.training.train, a shipped .safetensors) or a shipped name "
+                        "(python -m fer_lib.models.checkpoints list)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow a checkpoint that is not plain data (unpickles code): only for a file you made")
     p.add_argument("--data", default=None, help="dataset folder/file (default: the checkpoint's training dataset)")
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("train", "val", "test"),
                    help="split to evaluate where the data has splits (a plain class-folder tree is evaluated whole)")
     p.add_argument("--cam-methods", default=",".join(DEFAULT_EVAL_CAMS),
-                   help="comma-separated CAM methods (fer_lib.interpret.CAM_METHODS), 'all', or 'none'")
+                   help="comma-separated CAM methods (fer_lib.analysis.interpret.CAM_METHODS), 'all', or 'none'")
     p.add_argument("--cam-samples", type=int, default=1000, help="seeded subset for CAM-COS (0 = every sample)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate a seeded subset of this size")
     p.add_argument("--batch-size", type=int, default=64)

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import read_checkpoint
-from .metrics import classification_metrics, map_cosine
-from .models import layer_attention, load_checkpoint
-from .models import resolve_layers as _resolve_model_layers
-from .plots import save_figure
-from .utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, run_info
+from fer_lib.models.checkpoints import read_checkpoint
+from fer_lib.metrics import classification_metrics, map_cosine
+from fer_lib.models import layer_attention, load_checkpoint
+from fer_lib.models import resolve_layers as _resolve_model_layers
+from fer_lib.plots import save_figure
+from fer_lib.utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, run_info, resolve_device
 
 # pytorch-grad-cam's methods, by the names notebooks and configs use.
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
@@ -87,19 +87,6 @@ FAITHFULNESS_DIRECTION: dict[str, str] = {
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """'auto'/None -> CUDA when available else CPU; otherwise torch.device(device)."""
-    if device is None or (isinstance(device, str) and device in ("", "auto")):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; valid choices: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} but no CUDA GPU is available; valid choices here: auto, cpu")
-    return dev
-
-
 def check_cam_methods(methods: str | Iterable[str] | None) -> list[str]:
     """Parse 'a,b' or a list of CAM method names; raise ConfigError listing the valid names."""
     if methods is None:
@@ -409,7 +396,7 @@ def _class_names(model: nn.Module, loader: Any, class_names: Sequence[str] | Non
     names = getattr(model, "config", {}).get("class_names")
     if names:
         return list(names)
-    from .au import EXPRESSIONS
+    from fer_lib.faces.au import EXPRESSIONS
 
     return list(EXPRESSIONS)
 
@@ -582,7 +569,7 @@ def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = 
     Any argument given overrides the checkpoint's value (e.g. another `dataset`, in which
     case the checkpoint's dataset options are not reused).
     """
-    from .data import build_datasets
+    from fer_lib.data import build_datasets
 
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     cfg = dict(ckpt.get("config") or {})

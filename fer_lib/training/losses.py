@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import layer_attention
-from .utils import ConfigError, check_choice
+from fer_lib.models import layer_attention
+from fer_lib.utils import ConfigError, check_choice
 
 AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl", "std_cosine")
 ATTENTIONS: tuple[str, ...] = ("mean", "random_avg")

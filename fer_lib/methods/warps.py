@@ -14,8 +14,8 @@ Two families of batched, differentiable-free torch transforms (all sampled from 
   at p + d(p). A zero field returns the input unchanged, bit for bit.
 * **AU-aware warps** (new, `au_aware=True`): the warp is concentrated on the action-unit
   regions of the face. Bump centres are drawn at the anchors that AU regions are defined on
-  (`fer_lib.au.AU_REGIONS`, with a small jitter), and the field is weighted by
-  w(p) = the all-AU heatmap of `fer_lib.au.all_au_heatmap` rendered with a wide sigma
+  (`fer_lib.faces.au.AU_REGIONS`, with a small jitter), and the field is weighted by
+  w(p) = the all-AU heatmap of `fer_lib.faces.au.all_au_heatmap` rendered with a wide sigma
   (`au_sigma`, default 0.10 of the side, so the weight is smooth), before the same
   normalisation to `magnitude`. Faces without landmarks fall back to uniform warps (w = 1,
   centres in the central `region`).
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import ConfigError
+from fer_lib.utils import ConfigError
 
 
 # --------------------------------------------------------------------------- configuration
@@ -126,12 +126,12 @@ def _coords(size: int, device) -> torch.Tensor:
 
 
 def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
-    """All-AU heatmaps (fer_lib.au.all_au_heatmap, wide sigma) for many faces.
+    """All-AU heatmaps (fer_lib.faces.au.all_au_heatmap, wide sigma) for many faces.
 
     anchors: (N, A, 2) normalised anchors, NaN rows for faces without landmarks.
     Returns (maps (N, size, size) float32 in [0, 1], valid (N,) bool); invalid faces get ones.
     """
-    from .au import all_au_heatmap
+    from fer_lib.faces.au import all_au_heatmap
 
     anchors = np.asarray(anchors, dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[-1] != 2:
@@ -148,9 +148,9 @@ def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> 
 
 
 def au_anchor_points(anchors: np.ndarray) -> np.ndarray:
-    """The anchors that AU regions sit on (fer_lib.au.AU_REGIONS), per face: (N, K, 2)."""
-    from .au import AU_REGIONS
-    from .landmarks import ANCHOR_INDEX
+    """The anchors that AU regions sit on (fer_lib.faces.au.AU_REGIONS), per face: (N, K, 2)."""
+    from fer_lib.faces.au import AU_REGIONS
+    from fer_lib.faces.landmarks import ANCHOR_INDEX
 
     idx = sorted({ANCHOR_INDEX[a] for names in AU_REGIONS.values() for a in names})
     return np.asarray(anchors, np.float32)[:, idx]

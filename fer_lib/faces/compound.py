@@ -3,8 +3,8 @@
 Du et al. found that a compound expression ("happily surprised") is produced by the AUs
 of its two basic parts: the prototypical AUs they measured for each compound are (with
 one exception below) drawn from its parts' AUs. This module holds their table, the basic
-parts of each compound, and registers every compound into `fer_lib.au.CODEBOOK` (through
-`fer_lib.au.register_expression`) when it is imported, so AU heatmaps, the synthetic
+parts of each compound, and registers every compound into `fer_lib.faces.au.CODEBOOK` (through
+`fer_lib.faces.au.register_expression`) when it is imported, so AU heatmaps, the synthetic
 generator, the RAF-DB compound loader and the training loss all see compound classes.
 
 Names are snake_case and match `fer_lib.data.COMPOUND_EXPRESSIONS` (RAF-DB's 11 compound
@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .au import AU_REGIONS, CODEBOOK, EXPRESSIONS, combine_aus, register_expression
-from .landmarks import FaceLandmarks
+from fer_lib.faces.au import AU_REGIONS, CODEBOOK, EXPRESSIONS, combine_aus, register_expression
+from fer_lib.faces.landmarks import FaceLandmarks
 
 #: prototypical AUs of each compound expression (Du et al. 2014, Table 1), in RAF-DB's order first
 COMPOUND_AUS: dict[str, tuple[int, ...]] = {
@@ -102,7 +102,7 @@ def region_anchors(aus: Sequence[int]) -> set[str]:
 
 
 def register_compounds(names: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Register compound expressions (default: all) into fer_lib.au.CODEBOOK; idempotent."""
+    """Register compound expressions (default: all) into fer_lib.faces.au.CODEBOOK; idempotent."""
     names = ALL_COMPOUNDS if names is None else tuple(names)
     for name in names:
         register_expression(check_compound(name), COMPOUND_AUS[name])

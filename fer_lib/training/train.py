@@ -1,8 +1,8 @@
 """AU-guided training: a plain loop, readable top to bottom, for any timm backbone.
 
     config = TrainConfig(dataset="synthetic", backbone="resnet18", au_weight=9.0, out_dir="runs/r18")
-    results = train(config)        # or: python -m fer_lib.train --backbone resnet18 --au-weight 9
-                                   # or: torchrun --nproc_per_node 2 -m fer_lib.train ...
+    results = train(config)        # or: python -m fer_lib.training.train --backbone resnet18 --au-weight 9
+                                   # or: torchrun --nproc_per_node 2 -m fer_lib.training.train ...
 
 What one run does (only rank 0 writes files):
 1. validates the config (bad values fail at once, listing the choices), takes a lock on
@@ -12,7 +12,7 @@ What one run does (only rank 0 writes files):
 3. resumes from `checkpoints/last.pt` if this run was interrupted (model, optimizer,
    scheduler, AMP scaler, epoch, RNG states); every epoch re-seeds from (seed, epoch) so a
    resumed run ends with the same metrics as an uninterrupted one;
-4. per epoch: trains with CE + lambda * AU alignment (fer_lib.losses), evaluates val
+4. per epoch: trains with CE + lambda * AU alignment (fer_lib.training.losses), evaluates val
    (accuracy, macro-F1, per-class accuracy, confusion, ATT-COS per tapped layer), writes
    `metrics.csv` / `history.json` and the `last` / `best` (by val accuracy; last epoch when
    there is no val split) checkpoints, all atomically;
@@ -49,12 +49,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
-from .metrics import classification_metrics, map_cosine, protocol_note
-from .checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
-from .models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
+from fer_lib.training.losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
+from fer_lib.metrics import classification_metrics, map_cosine, protocol_note
+from fer_lib.models.checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
+from fer_lib.models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
                      pretrained_normalisation, resolve_layers)
-from .utils import (ConfigError, UserError, atomic_path, atomic_write_csv, atomic_write_json,
+from fer_lib.utils import (ConfigError, UserError, atomic_path, atomic_write_csv, atomic_write_json,
                     check_choice, run_cli, run_info, seed_everything)
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -178,7 +178,7 @@ class TrainConfig:
 
 def _dataset_names() -> Sequence[str] | None:
     try:
-        from . import data as data_mod
+        from fer_lib import data as data_mod
     except ImportError:
         return None
     for attr in ("DATASETS", "DATASET_NAMES"):
@@ -331,7 +331,7 @@ def _check_run_identity(out_dir: Path, config: TrainConfig) -> None:
 
 # --------------------------------------------------------------------------- helpers
 def _rng_state() -> dict[str, Any]:
-    """Every RNG state as tensors and lists (checkpoints stay plain data: fer_lib.checkpoints)."""
+    """Every RNG state as tensors and lists (checkpoints stay plain data: fer_lib.models.checkpoints)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -590,7 +590,7 @@ def _write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _build_datasets(config: TrainConfig, ctx: DistContext) -> dict[str, Dataset]:
-    from .data import build_datasets
+    from fer_lib.data import build_datasets
 
     kwargs = dict(root=config.data_root, image_size=config.image_size, seed=config.seed,
                   landmarks=config.landmarks, cache_dir=config.cache_dir, augment=config.augment,
@@ -683,7 +683,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     metrics_path = out_dir / "metrics.json"
     if metrics_path.exists():
         if ctx.is_main:
-            print(f"[fer_lib.train] {out_dir} already holds the finished run; returning its metrics.json")
+            print(f"[fer_lib.training.train] {out_dir} already holds the finished run; returning its metrics.json")
         return json.loads(metrics_path.read_text())
     ckpt_dir = out_dir / "checkpoints"
     if ctx.is_main:  # half-written temporaries of a run killed mid-write (we hold the lock: nobody else writes)
@@ -700,7 +700,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     data_summary = _data_summary(datasets, out_dir, write=ctx.is_main)
     class_names = list(getattr(train_set, "class_names", None) or [])
     if not class_names:
-        from .au import EXPRESSIONS
+        from fer_lib.faces.au import EXPRESSIONS
         class_names = list(EXPRESSIONS)
     model = build_model(config.backbone, num_classes=len(class_names), layers=config.layers,
                         image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
@@ -740,7 +740,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
         train_time = float(ckpt["metrics"]["train_time_s"])
         train_images = int(ckpt["metrics"]["train_images"])
         if ctx.is_main:
-            print(f"[fer_lib.train] resuming {out_dir} after epoch {ckpt['epoch']}")
+            print(f"[fer_lib.training.train] resuming {out_dir} after epoch {ckpt['epoch']}")
 
     if ctx.distributed:
         ddp_kwargs = {"device_ids": [ctx.device.index]} if use_cuda else {}
@@ -786,7 +786,7 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
             msg = f"epoch {epoch}: train loss {train_m['loss']:.4f} acc {train_m['accuracy']:.3f}"
             if val_m:
                 msg += f" | val acc {val_m['accuracy']:.3f} f1 {val_m['macro_f1']:.3f} att_cos {val_m['att_cos_mean']}"
-            print(f"[fer_lib.train] {msg}", flush=True)
+            print(f"[fer_lib.training.train] {msg}", flush=True)
         _barrier(ctx)
 
     # final evaluation with the best checkpoint
@@ -853,7 +853,7 @@ def _parse_pretrained(text: str) -> bool | str:
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse over every TrainConfig field (--au-weight 9, --layers 4,5, --dataset-kwargs '{...}')."""
-    parser = argparse.ArgumentParser(prog="python -m fer_lib.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fer_lib.training.train", description=__doc__.split("\n")[0])
     defaults = TrainConfig.__dataclass_fields__
     typed = {"epochs": int, "image_size": int, "batch_size": int, "eval_batch_size": int, "num_workers": int,
              "max_steps_per_epoch": int, "step_size": int, "seed": int, "au_weight": float, "lr": float,

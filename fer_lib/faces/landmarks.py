@@ -2,7 +2,7 @@
 
 Every landmark scheme (MediaPipe's 478 points, dlib's 68, a dataset's own points, or the
 synthetic generator's exact anchors) is an adapter onto one set of named facial anchors
-(`ANCHORS`). AU regions (fer_lib.au) are defined on those names only, so a new detector
+(`ANCHORS`). AU regions (fer_lib.faces.au) are defined on those names only, so a new detector
 plugs in by writing one `LandmarkScheme`.
 
 Conventions
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .utils import UserError, atomic_write_bytes, atomic_write_json, sha256_bytes
+from fer_lib.utils import UserError, atomic_write_bytes, atomic_write_json, sha256_bytes
 
 log = logging.getLogger(__name__)
 

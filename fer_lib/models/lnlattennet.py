@@ -25,7 +25,7 @@ Our reading of the paper (its abstract and figures; the code is not public):
   logits, so cross-entropy on the logits trains the ensemble and the attention jointly and the
   project's loss and training loop need no change (no separate per-region auxiliary losses).
 
-The region-weight map is the model's first tapped feature, so fer_lib.losses' AU alignment
+The region-weight map is the model's first tapped feature, so fer_lib.training.losses' AU alignment
 (au_weight > 0) aligns the region weights with the AU map area-pooled to the grid: AU guidance on
 region weights, which neither paper has. `layers` may add the trunk's feature map ("trunk").
 The model follows fer_lib.models' TappedModel contract (forward, classify, tap_names,
@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .au import EXPRESSIONS
-from .checkpoints import load_file
-from .utils import ConfigError, check_choice
+from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.models.checkpoints import load_file
+from fer_lib.utils import ConfigError, check_choice
 
 #: how the local networks see their regions
 LOCAL_MODES: tuple[str, ...] = ("separate", "shared")
@@ -301,7 +301,7 @@ class LNLAttenNet(nn.Module):
 
 def lnl_layers(layers: Sequence[str | int] | str | int = ("last",)) -> list[str]:
     """Resolve layer specs to tap names, region attention first (aliases: regions, trunk, global)."""
-    from .models import resolve_layers
+    from fer_lib.models import resolve_layers
 
     if isinstance(layers, (str, int)):
         layers = [layers]
@@ -417,7 +417,7 @@ def collect_region_weights(model: LNLAttenNet, dataset: Any, batch_size: int = 6
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .losses import valid_map_mask
+    from fer_lib.training.losses import valid_map_mask
 
     if not isinstance(model, LNLAttenNet):
         raise ConfigError(f"collect_region_weights needs an LNLAttenNet, got {type(model).__name__}")

