@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fer_lib.training.losses import AUGuidedLoss
-from fer_lib.models import _create_net, build_model
+from fer_lib.models import build_model
+from fer_lib.models.timm_backbones import _create_net
 from fer_lib.utils import atomic_write_json, run_info, seed_everything
 
 

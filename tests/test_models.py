@@ -166,9 +166,9 @@ def test_wrong_imagenet_files_and_missing_packages_are_refused(monkeypatch):
 
 
 def test_imagenet_for_other_backbones_needs_a_file_or_the_cache_never_the_network(monkeypatch, tmp_path):
-    from fer_lib import models as M
+    from fer_lib.models import timm_backbones
 
-    monkeypatch.setattr(M, "cached_timm_weights", lambda backbone: None)
+    monkeypatch.setattr(timm_backbones, "cached_timm_weights", lambda backbone: None)
     with pytest.raises(ConfigError, match="weights=PATH.*tf_efficientnet_lite0, tf_efficientnet_lite1, "
                                           "tf_efficientnet_lite2"):
         build_model("resnet50", image_size=64, pretrained="imagenet")
@@ -180,3 +180,45 @@ def test_imagenet_for_other_backbones_needs_a_file_or_the_cache_never_the_networ
     assert torch.equal(model.net.conv1.weight, source.net.conv1.weight)
     with pytest.raises(ConfigError, match="one of False, True .* or 'imagenet'"):
         build_model("resnet18", pretrained="imagenet21k")
+
+
+# --------------------------------------------------------------------------- the registry
+def test_a_family_registers_itself_and_the_factory_only_looks_it_up():
+    from fer_lib.models import ModelFamily, families, family_of, list_models, register_family
+    from fer_lib.models import registry
+
+    assert {"lnlattennet", "lnlattennet_shared", "mini_xception", "resnet18"} <= set(list_models())
+    assert family_of("lnlattennet").name == "lnlattennet" and family_of("mini_xception").name == "mini_xception"
+    assert family_of("resnet26d").name == "timm"  # any timm name: the fallback family
+
+    def build(spec):
+        net = torch.nn.Sequential(torch.nn.Conv2d(spec.in_chans, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten(), torch.nn.Linear(4, spec.num_classes))
+        return TappedModel(net, spec.tap_names, {"backbone": spec.backbone, "tap_names": spec.tap_names,
+                                                 "options": spec.options})
+
+    toy = ModelFamily(name="toy", build=build, stages=lambda b: ("0",), min_image_size=lambda b: 32, names=("toy_net",))
+    try:
+        register_family(toy)
+        model = build_model("toy_net", num_classes=3, image_size=32, options={"width": 4})
+        logits, feats = model(torch.zeros(2, 3, 32, 32))
+        assert logits.shape == (2, 3) and feats[0].shape == (2, 4, 32, 32) and model.config["options"] == {"width": 4}
+        with pytest.raises(ConfigError, match="too small for backbone 'toy_net'.*minimum is image_size=32"):
+            build_model("toy_net", image_size=16)  # the family's own minimum
+        with pytest.raises(ValueError, match="already registered by family 'toy'"):
+            register_family(ModelFamily(name="other", build=build, stages=lambda b: ("0",),
+                                        min_image_size=lambda b: 8, names=("toy_net",)))
+    finally:
+        registry._FAMILIES.pop("toy", None)
+    assert "toy" not in families() and "toy_net" not in list_models()
+
+
+def test_unknown_build_options_and_names_are_refused_with_the_choices():
+    with pytest.raises(ConfigError, match=r"unknown build_model option\(s\) \['imgsize'\]; valid: .*image_size"):
+        build_model("resnet18", imgsize=64)
+    with pytest.raises(ConfigError, match="unknown backbone 'lnlatennet'. Did you mean: lnlattennet"):
+        build_model("lnlatennet")
+    peer = build_model("mini_xception", image_size=64, layers=(2,))
+    assert peer.tap_names == ["block2"] and peer.config["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="fixed model: image_size=64"):
+        build_model("mini_xception", image_size=96)

