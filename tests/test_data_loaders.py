@@ -304,3 +304,37 @@ def test_affectnet_layout_errors_name_both_layouts(tmp_path):
     (tmp_path / "a" / "train_set").mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match="lacks images/ or annotations/"):
         load_affectnet(tmp_path / "a")
+
+
+def test_a_registered_dataset_builds_by_name_and_unknown_options_are_refused(tmp_path):
+    from PIL import Image
+
+    from fer_lib.data import DatasetSource, build_datasets, dataset, list_datasets, register_dataset
+    from fer_lib.utils import ConfigError
+
+    for split in ("train", "test"):
+        for cls in ("happy", "sad"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 40), (40 * i, 90, 200 if cls == "sad" else 10)).save(tmp_path / split / cls / f"{i}.png")
+    seen = {}
+
+    def load(root, seed, image_size, progress, **options):
+        seen.update(root=root, seed=seed, **options)
+        return load_image_folder(root, seed=seed, **options)
+
+    register_dataset(DatasetSource("toy_faces", load, options=("val_fraction",)))
+    try:
+        assert "toy_faces" in list_datasets()
+        splits = build_datasets("toy_faces", tmp_path, image_size=32, seed=3, landmarks="none", val_fraction=0.34,
+                                progress=False)
+        assert seen == {"root": tmp_path, "seed": 3, "val_fraction": 0.34}
+        assert sum(len(d) for d in splits.values()) == 12 and len(splits["test"]) == 6
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) \['test_fraction'\] for dataset 'toy_faces'"):
+            build_datasets("toy_faces", tmp_path, landmarks="none", test_fraction=0.2)
+        with pytest.raises(ConfigError, match="dataset 'toy_faces' needs root="):
+            build_datasets("toy_faces", None, landmarks="none")
+    finally:
+        dataset._SOURCES.pop("toy_faces")
+    with pytest.raises(ConfigError, match="unknown dataset 'toy_faces'; valid choices: synthetic, rafdb"):
+        build_datasets("toy_faces", tmp_path)

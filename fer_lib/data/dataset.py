@@ -15,7 +15,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,6 @@ from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, load_truth
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LANDMARK_MODES = ("detect", "ground_truth", "none")
-DATASETS = ("synthetic", "rafdb", "rafdb_compound", "affectnet", "fer2013", "fer2013_csv", "imagefolder", "csv")
 DEFAULT_FER2013_ROOT = REPO_ROOT.parent / "shared" / "data" / "fer2013"
 
 
@@ -294,55 +293,99 @@ def _limit_per_class(records: list[Record], max_per_class: int | dict[str, int] 
     return out
 
 
-# --------------------------------------------------------------------------- build_datasets
-_LOADER_KWARGS = {
-    "rafdb": ("val_fraction", "image_dir"),
-    "rafdb_compound": ("val_fraction", "image_dir"),
-    "affectnet": ("num_classes", "val_fraction", "check_files"),
-    "fer2013": ("class_names", "val_fraction", "test_fraction"),
-    "fer2013_csv": (),
-    "imagefolder": ("class_names", "val_fraction", "test_fraction"),
-    "csv": ("class_names", "val_fraction", "test_fraction", "check_files", "images_root"),
-    "synthetic": tuple(f.name for f in dataclasses.fields(SyntheticConfig) if f.name not in ("image_size", "seed")),
-}
+# --------------------------------------------------------------------------- the dataset registry
+@dataclass(frozen=True)
+class DatasetSource:
+    """A named dataset: `load(root, seed=, image_size=, progress=, **options) -> DatasetIndex` (records,
+    no decoding), the loader options it takes, and whether it needs a root (else its default_root)."""
+
+    name: str
+    load: Callable[..., DatasetIndex]
+    options: tuple[str, ...] = ()
+    needs_root: bool = True
+    default_root: Path | None = None
+
+
+_SOURCES: dict[str, DatasetSource] = {}
 _COMMON_KWARGS = ("max_per_class", "output_dir", "mean", "std", "augment_config", "progress", "validate", "splits")
+
+
+def register_dataset(source: DatasetSource) -> DatasetSource:
+    """Make a dataset buildable by name (build_datasets, TrainConfig.dataset, evaluate --dataset)."""
+    _SOURCES[source.name] = source
+    return source
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets."""
+    return list(_SOURCES)
+
+
+def dataset_source(name: str) -> DatasetSource:
+    """The registered dataset `name`; an unknown name is an error listing the valid ones."""
+    check_choice("dataset", name, tuple(_SOURCES))
+    return _SOURCES[name]
 
 
 def load_index(name: str, root: str | os.PathLike | None = None, seed: int = 0, image_size: int = 112,
                progress: bool = True, **kwargs: Any) -> DatasetIndex:
     """The records of a named dataset (no image decoding, no landmarks)."""
-    check_choice("dataset", name, DATASETS)
-    if name == "synthetic":
-        cfg = SyntheticConfig(image_size=image_size, seed=seed, **kwargs)
-        built = build_synthetic(cfg, root=None if root is None else Path(root) / f"synthetic-{cfg.key()}",
-                                progress=progress)
-        index = loaders.load_csv_manifest(built / "manifest.csv", class_names=cfg.expressions, val_fraction=0.0,
-                                          test_fraction=0.0, seed=seed)
-        truth = load_truth(built)
-        for r in index.records:
-            t = truth[Path(r.path).relative_to(built).as_posix()]
-            r.meta.update(true_anchors=t["anchors"], aus=t["aus"], spurious=t["spurious"])
-        index.name = "synthetic"
-        index.stats["config"] = dataclasses.asdict(cfg)
-        return index
-    if root is None:
-        if name == "fer2013" and DEFAULT_FER2013_ROOT.is_dir():
-            root = DEFAULT_FER2013_ROOT
-        else:
+    source = dataset_source(name)
+    if root is None and source.needs_root:
+        if source.default_root is None or not source.default_root.is_dir():
             raise ConfigError(f"dataset {name!r} needs root= (the folder or file holding it)")
-    root = Path(root)
-    if name in ("rafdb", "rafdb_compound"):
-        return loaders.load_rafdb(root, "basic" if name == "rafdb" else "compound", seed=seed, **kwargs)
-    if name == "affectnet":
-        return loaders.load_affectnet(root, seed=seed, **kwargs)
-    if name == "fer2013_csv" or (name == "fer2013" and root.suffix.lower() == ".csv"):
-        return loaders.load_fer2013_csv(root)
-    if name in ("fer2013", "imagefolder"):
+        root = source.default_root
+    return source.load(None if root is None else Path(root), seed=seed, image_size=image_size, progress=progress,
+                       **kwargs)
+
+
+def _load_synthetic(root: Path | None, seed: int, image_size: int, progress: bool, **kwargs: Any) -> DatasetIndex:
+    cfg = SyntheticConfig(image_size=image_size, seed=seed, **kwargs)
+    built = build_synthetic(cfg, root=None if root is None else root / f"synthetic-{cfg.key()}", progress=progress)
+    index = loaders.load_csv_manifest(built / "manifest.csv", class_names=cfg.expressions, val_fraction=0.0,
+                                      test_fraction=0.0, seed=seed)
+    truth = load_truth(built)
+    for r in index.records:
+        t = truth[Path(r.path).relative_to(built).as_posix()]
+        r.meta.update(true_anchors=t["anchors"], aus=t["aus"], spurious=t["spurious"])
+    index.name = "synthetic"
+    index.stats["config"] = dataclasses.asdict(cfg)
+    return index
+
+
+def _load_folder(name: str) -> Callable[..., DatasetIndex]:
+    def load(root: Path, seed: int, image_size: int, progress: bool, **kwargs: Any) -> DatasetIndex:
+        if name == "fer2013" and root.suffix.lower() == ".csv":
+            return loaders.load_fer2013_csv(root)
         index = loaders.load_image_folder(root, seed=seed, **kwargs)
         index.name = name
         return index
+    return load
+
+
+def _load_csv(root: Path, seed: int, image_size: int, progress: bool, **kwargs: Any) -> DatasetIndex:
     images_root = kwargs.pop("images_root", None)
     return loaders.load_csv_manifest(root, root=images_root, seed=seed, **kwargs)
+
+
+_SPLIT_OPTIONS = ("class_names", "val_fraction", "test_fraction")
+for _source in (
+    DatasetSource("synthetic", _load_synthetic, needs_root=False, options=tuple(
+        f.name for f in dataclasses.fields(SyntheticConfig) if f.name not in ("image_size", "seed"))),
+    DatasetSource("rafdb", lambda root, seed, image_size, progress, **kw: loaders.load_rafdb(root, "basic", seed=seed, **kw),
+                  options=("val_fraction", "image_dir")),
+    DatasetSource("rafdb_compound", lambda root, seed, image_size, progress, **kw: loaders.load_rafdb(
+        root, "compound", seed=seed, **kw), options=("val_fraction", "image_dir")),
+    DatasetSource("affectnet", lambda root, seed, image_size, progress, **kw: loaders.load_affectnet(root, seed=seed, **kw),
+                  options=("num_classes", "val_fraction", "check_files")),
+    DatasetSource("fer2013", _load_folder("fer2013"), options=_SPLIT_OPTIONS, default_root=DEFAULT_FER2013_ROOT),
+    DatasetSource("fer2013_csv", lambda root, seed, image_size, progress: loaders.load_fer2013_csv(root)),
+    DatasetSource("imagefolder", _load_folder("imagefolder"), options=_SPLIT_OPTIONS),
+    DatasetSource("csv", _load_csv, options=_SPLIT_OPTIONS + ("check_files", "images_root")),
+):
+    register_dataset(_source)
+#: the built-in datasets (list_datasets() also names the ones registered later)
+DATASETS: tuple[str, ...] = tuple(list_datasets())
 
 
 def build_datasets(name: str, root: str | os.PathLike | None = None, image_size: int = 112, seed: int = 0,
@@ -350,7 +393,7 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
                    **dataset_kwargs: Any) -> dict[str, FERDataset]:
     """Build {split: FERDataset} for a named dataset; train is augmented when `augment`.
 
-    name: one of DATASETS. landmarks: "detect" (the dataset's own landmarks where it ships them,
+    name: a registered dataset (list_datasets()). landmarks: "detect" (the dataset's own landmarks where it ships them,
     as AffectNet's 68 points, else MediaPipe FaceMesh through the cache in `cache_dir`, default
     .cache/landmarks), "ground_truth" (synthetic only) or "none".
     Loader options (val_fraction, num_classes, class_names, ...), synthetic options
@@ -358,12 +401,12 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
     output_dir for skipped/landmark reports, mean, std, augment_config, progress,
     validate=True, splits) go in `dataset_kwargs`.
     """
-    check_choice("dataset", name, DATASETS)
+    source = dataset_source(name)
     check_choice("landmarks", landmarks, LANDMARK_MODES)
     if landmarks == "ground_truth" and name != "synthetic":
         raise ConfigError(f"landmarks='ground_truth' is only available for the synthetic dataset (it has exact "
                           f"anchors); for {name!r} use landmarks='detect' or 'none'")
-    allowed = set(_LOADER_KWARGS[name]) | set(_COMMON_KWARGS)
+    allowed = set(source.options) | set(_COMMON_KWARGS)
     unknown = sorted(set(dataset_kwargs) - allowed)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for dataset {name!r}; valid: {', '.join(sorted(allowed))}")
