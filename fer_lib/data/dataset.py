@@ -22,7 +22,7 @@ from PIL import Image
 
 from fer_lib.faces.au import CODEBOOK, combine_aus
 from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
-                         detect_landmarks, flip_anchors, load_image)
+                         detect_landmarks, flip_anchors, get_scheme, load_image, photo_size)
 from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
 from fer_lib.data import loaders
 from fer_lib.data.loaders import DatasetIndex, Record
@@ -234,8 +234,6 @@ def landmark_error_report(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
 def attach_dataset_landmarks(records: Sequence[Record]) -> int:
     """Anchors from a dataset's own landmarks (`meta['landmarks_px']` in pixels, `meta['landmark_scheme']`, e.g.
     AffectNet's 68 points through the dlib-68 scheme); returns how many records got them."""
-    from fer_lib.faces.landmarks import get_scheme, photo_size
-
     n = 0
     for r in records:
         points = r.meta.get("landmarks_px")

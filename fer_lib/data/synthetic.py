@@ -53,8 +53,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from fer_lib.faces.au import ALL_AUS, CODEBOOK, EXPRESSIONS, combine_aus
 from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS
 from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
-from fer_lib.utils import (REPO_ROOT, ConfigError, file_lock, atomic_save_npz, atomic_write_csv, atomic_write_json,
-                     check_choice, config_hash)
+from fer_lib.utils import (REPO_ROOT, ConfigError, atomic_path, atomic_save_npz, atomic_write_csv, atomic_write_json,
+                           check_choice, config_hash, file_lock)
 
 WORK_SIZE = 192  # drawing resolution: MediaPipe FaceMesh detects these faces reliably here
 SPLITS = ("train", "val", "test")
@@ -249,58 +249,93 @@ def _curve(x0, y0, x1, y1, mid_dy, n=17, power=2.0):
     return np.stack([x, y], axis=1)
 
 
+@dataclass
+class _Sketch:
+    """A face geometry under construction: identity, AU intensities, anchors and polygons so far."""
+
+    g: dict[str, Any]
+    aus: Mapping[int, float]
+    A: dict[str, np.ndarray] = field(default_factory=dict)
+    polys: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def a(self, au: int) -> float:
+        return float(self.aus.get(au, 0.0))
+
+
 def face_geometry(p: FaceParams) -> FaceGeometry:
     """Compute every drawn shape and the anchors from identity and AU intensities."""
-    g = p.identity
-    a = lambda au: float(p.aus.get(au, 0.0))  # noqa: E731
-    A: dict[str, np.ndarray] = {}
-    polys: dict[str, np.ndarray] = {}
+    k = _Sketch(p.identity, p.aus)
+    g = k.g
     cx, cy = 0.5, g["cy"]
     fw, fh = g["face_w"], g["face_h"]
-    jaw = 0.035 * a(26) + 0.05 * a(27)  # extra length of the lower face
-    # head: ellipse whose lower half stretches with the jaw drop
+    jaw = 0.035 * k.a(26) + 0.05 * k.a(27)  # extra length of the lower face
+    _head(k, cx, cy, jaw)
+    brow_base = g["eye_y"] - g["brow_gap"]
+    for side, s in (("left", 1.0), ("right", -1.0)):  # subject's left is on the image right
+        _eye_and_brow(k, side, s, cx, brow_base)
+    tip_y, ww, wing_y = _nose(k, cx, brow_base)
+    _mouth(k, cx, tip_y, ww, wing_y)
+    chin_y = cy + fh + jaw
+    k.A["chin"] = np.array([cx, chin_y - 0.03 - 0.008 * k.a(17)])
+    ang = math.radians(35)
+    for side, s in (("left", 1.0), ("right", -1.0)):
+        k.A[f"{side}_jaw"] = np.array([cx + s * (fw * math.cos(ang) - 0.025), cy + (fh + jaw) * math.sin(ang)])
+    k.polys["chin_mark"] = _curve(cx - 0.025, chin_y - 0.05 + 0.01 * jaw, cx + 0.025, chin_y - 0.05 + 0.01 * jaw, 0.006)
+    anchors = np.stack([k.A[name] for name in ANCHORS]).astype(np.float64)
+    return FaceGeometry(polys=k.polys, anchors=anchors)
+
+
+def _head(k: _Sketch, cx: float, cy: float, jaw: float) -> None:
+    """Head (an ellipse whose lower half stretches with the jaw drop), neck and hair."""
+    fw, fh = k.g["face_w"], k.g["face_h"]
     th = np.linspace(0, 2 * math.pi, 72, endpoint=False)
     hx = cx + fw * np.cos(th)
     hy_raw = np.sin(th)
     hy = cy + np.where(hy_raw > 0, (fh + jaw) * hy_raw, fh * hy_raw)
-    polys["head"] = np.stack([hx, hy], 1)
-    polys["neck"] = np.array([[cx - fw * 0.55, cy + fh * 0.6], [cx + fw * 0.55, cy + fh * 0.6],
-                              [cx + fw * 0.62, 1.2], [cx - fw * 0.62, 1.2]])
+    k.polys["head"] = np.stack([hx, hy], 1)
+    k.polys["neck"] = np.array([[cx - fw * 0.55, cy + fh * 0.6], [cx + fw * 0.55, cy + fh * 0.6],
+                                [cx + fw * 0.62, 1.2], [cx - fw * 0.62, 1.2]])
     # hair: top cap of a slightly larger ellipse down to a curved hairline
     ht = np.linspace(math.pi * 1.06, math.pi * 1.94, 30)
     cap = np.stack([cx + fw * 1.07 * np.cos(ht), cy + fh * 1.07 * np.sin(ht)], 1)
     hairline = _curve(cap[-1, 0] - 0.01, cy - fh * 0.40, cap[0, 0] + 0.01, cy - fh * 0.40, -fh * 0.22, n=20)
-    polys["hair"] = np.concatenate([cap, hairline], 0)
+    k.polys["hair"] = np.concatenate([cap, hairline], 0)
+
+
+def _eye_and_brow(k: _Sketch, side: str, s: float, cx: float, brow_base: float) -> None:
+    """One side's eye (lids move with AU5, AU6, AU7), brow (AU1 inner up, AU2 outer up, AU4 down and
+    together), cheek (rises with AU6) and crow's feet."""
+    g, a, A, polys = k.g, k.a, k.A, k.polys
     ey, dx, ew, eh = g["eye_y"], g["eye_dx"], g["eye_w"], g["eye_h"]
-    brow_base = ey - g["brow_gap"]
-    for side, s in (("left", 1.0), ("right", -1.0)):  # subject's left is on the image right
-        ex = cx + s * dx
-        # eyes
-        h_up = eh * (1 + 0.75 * a(5) - 0.25 * a(7))
-        h_lo = eh * (1 - 0.45 * a(7) - 0.5 * a(6))
-        inner = np.array([ex - s * ew, ey + 0.002])
-        outer = np.array([ex + s * ew, ey - 0.002 - 0.004 * a(6)])
-        upper = _curve(inner[0], inner[1], outer[0], outer[1], -h_up, n=21, power=2.2)
-        lower = _curve(inner[0], inner[1], outer[0], outer[1], h_lo, n=21, power=2.2)
-        polys[f"{side}_eye_upper"] = upper
-        polys[f"{side}_eye_lower"] = lower
-        ix = ex + g["gaze"] * ew * 0.3
-        A[f"{side}_eye_inner"], A[f"{side}_eye_outer"] = inner, outer
-        A[f"{side}_upper_lid"] = np.array([ex, ey - h_up])
-        A[f"{side}_lower_lid"] = np.array([ex, ey + h_lo])
-        A[f"{side}_eye_center"] = np.array([ix, ey])
-        polys[f"{side}_iris_c"] = np.array([[ix, ey, eh * g["iris_r"]]])
-        # brows: inner, mid, outer (AU1 inner up, AU2 outer up, AU4 down and together)
-        b_in = np.array([ex - s * ew * 0.95 + s * 0.018 * a(4), brow_base - 0.04 * a(1) + 0.026 * a(4)])
-        b_mid = np.array([ex + s * ew * 0.1, brow_base - g["brow_arch"] - 0.012 * a(1) - 0.028 * a(2) + 0.018 * a(4)])
-        b_out = np.array([ex + s * ew * 1.25, brow_base + 0.006 - 0.036 * a(2) + 0.014 * a(4) + 0.01 * a(1) * (1 - a(2))])
-        polys[f"{side}_brow"] = np.stack([b_in, (b_in + b_mid) / 2 + [0, -0.002], b_mid, (b_mid + b_out) / 2, b_out])
-        A[f"{side}_brow_inner"], A[f"{side}_brow_mid"], A[f"{side}_brow_outer"] = b_in, b_mid, b_out
-        # cheeks rise with AU6
-        # undrawn regions (cheek, nasolabial, jaw) sit where MediaPipe FaceMesh puts them on these faces
-        A[f"{side}_cheek"] = np.array([ex + s * 0.06, ey + 0.085 - 0.018 * a(6)])
-        polys[f"{side}_crows"] = np.array([[outer[0] + s * 0.010, outer[1] + k * 0.010] for k in (-1, 0, 1)])
-    # glabella, forehead, nose
+    ex = cx + s * dx
+    h_up = eh * (1 + 0.75 * a(5) - 0.25 * a(7))
+    h_lo = eh * (1 - 0.45 * a(7) - 0.5 * a(6))
+    inner = np.array([ex - s * ew, ey + 0.002])
+    outer = np.array([ex + s * ew, ey - 0.002 - 0.004 * a(6)])
+    upper = _curve(inner[0], inner[1], outer[0], outer[1], -h_up, n=21, power=2.2)
+    lower = _curve(inner[0], inner[1], outer[0], outer[1], h_lo, n=21, power=2.2)
+    polys[f"{side}_eye_upper"] = upper
+    polys[f"{side}_eye_lower"] = lower
+    ix = ex + g["gaze"] * ew * 0.3
+    A[f"{side}_eye_inner"], A[f"{side}_eye_outer"] = inner, outer
+    A[f"{side}_upper_lid"] = np.array([ex, ey - h_up])
+    A[f"{side}_lower_lid"] = np.array([ex, ey + h_lo])
+    A[f"{side}_eye_center"] = np.array([ix, ey])
+    polys[f"{side}_iris_c"] = np.array([[ix, ey, eh * g["iris_r"]]])
+    b_in = np.array([ex - s * ew * 0.95 + s * 0.018 * a(4), brow_base - 0.04 * a(1) + 0.026 * a(4)])
+    b_mid = np.array([ex + s * ew * 0.1, brow_base - g["brow_arch"] - 0.012 * a(1) - 0.028 * a(2) + 0.018 * a(4)])
+    b_out = np.array([ex + s * ew * 1.25, brow_base + 0.006 - 0.036 * a(2) + 0.014 * a(4) + 0.01 * a(1) * (1 - a(2))])
+    polys[f"{side}_brow"] = np.stack([b_in, (b_in + b_mid) / 2 + [0, -0.002], b_mid, (b_mid + b_out) / 2, b_out])
+    A[f"{side}_brow_inner"], A[f"{side}_brow_mid"], A[f"{side}_brow_outer"] = b_in, b_mid, b_out
+    # undrawn regions (cheek, nasolabial, jaw) sit where MediaPipe FaceMesh puts them on these faces
+    A[f"{side}_cheek"] = np.array([ex + s * 0.06, ey + 0.085 - 0.018 * a(6)])
+    polys[f"{side}_crows"] = np.array([[outer[0] + s * 0.010, outer[1] + k * 0.010] for k in (-1, 0, 1)])
+
+
+def _nose(k: _Sketch, cx: float, brow_base: float) -> tuple[float, float, float]:
+    """Glabella, forehead and nose (wings widen and rise with AU9, AU10); returns (tip_y, wing half-width, wing_y)."""
+    g, a, A, polys = k.g, k.a, k.A, k.polys
+    ey = g["eye_y"]
     A["glabella"] = np.array([cx, brow_base - 0.004])
     A["forehead_center"] = np.array([cx, brow_base - 0.075])
     A["nose_root"] = np.array([cx, ey - 0.004])
@@ -311,7 +346,12 @@ def face_geometry(p: FaceParams) -> FaceGeometry:
     A["nose_tip"] = np.array([cx, tip_y - 0.012 - 0.008 * a(9)])
     A["left_nose_wing"], A["right_nose_wing"] = np.array([cx + ww, wing_y]), np.array([cx - ww, wing_y])
     polys["nostrils"] = np.array([[cx + ww * 0.45, wing_y + 0.004], [cx - ww * 0.45, wing_y + 0.004]])
-    # mouth: corners, lips, opening
+    return tip_y, ww, wing_y
+
+
+def _mouth(k: _Sketch, cx: float, tip_y: float, ww: float, wing_y: float) -> None:
+    """Mouth corners, lips, opening and teeth, and the nasolabial folds."""
+    g, a, A, polys = k.g, k.a, k.A, k.polys
     my = tip_y + g["mouth_gap"]
     mw = g["mouth_w"] * (1 + 0.14 * a(12) + 0.25 * a(20) - 0.25 * a(23) - 0.12 * a(24) - 0.15 * a(27))
     c_dy = -0.036 * a(12) + 0.034 * a(15) + 0.006 * a(20) - 0.004 * a(17)
@@ -346,14 +386,6 @@ def face_geometry(p: FaceParams) -> FaceGeometry:
         end = np.array([cx + s * (mw + 0.018), my + c_dy + 0.018])
         polys[f"{side}_fold"] = _curve(start[0], start[1], end[0], end[1], 0.0, n=9) + np.array(
             [s * 0.012, 0.0]) * (1 - np.abs(np.linspace(-1, 1, 9)) ** 2)[:, None]
-    chin_y = cy + fh + jaw
-    A["chin"] = np.array([cx, chin_y - 0.03 - 0.008 * a(17)])
-    ang = math.radians(35)
-    for side, s in (("left", 1.0), ("right", -1.0)):
-        A[f"{side}_jaw"] = np.array([cx + s * (fw * math.cos(ang) - 0.025), cy + (fh + jaw) * math.sin(ang)])
-    polys["chin_mark"] = _curve(cx - 0.025, chin_y - 0.05 + 0.01 * jaw, cx + 0.025, chin_y - 0.05 + 0.01 * jaw, 0.006)
-    anchors = np.stack([A[name] for name in ANCHORS]).astype(np.float64)
-    return FaceGeometry(polys=polys, anchors=anchors)
 
 
 def pose_matrix(pose: tuple[float, float, float, float]) -> np.ndarray:
@@ -382,11 +414,28 @@ def render_face(p: FaceParams, size: int = 112, work_size: int = WORK_SIZE,
     rng_tex = np.random.default_rng(p.background["tex_seed"])
     img = _background(p, W, rng_tex)
     d = ImageDraw.Draw(img, "RGBA")
-    skin = p.colors["skin"]
+    _draw_head(d, px, scale_px, p, geo)
+    _draw_eyes(d, px, scale_px, p, geo)
+    _draw_nose_and_mouth(d, px, scale_px, p, geo)
+    img = img.filter(ImageFilter.GaussianBlur(1.2 * W / WORK_SIZE))
+    if W != size:  # lighting, cue and noise are applied at the output size (cheaper, same look)
+        img = img.resize((size, size), Image.LANCZOS)
+    arr = _lighting(np.asarray(img, dtype=np.float32), p.light)
+    anchors = _apply(m, geo.anchors)
+    if spurious_class is not None:
+        arr = draw_spurious(arr, spurious_class)
+    noise_rng = np.random.default_rng(int(rng_tex.integers(2**31)))
+    arr += noise_rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(p.noise)
+    arr += 0.5
+    return np.clip(arr, 0, 255).astype(np.uint8), anchors.astype(np.float32)
+
+
+def _draw_head(d: ImageDraw.ImageDraw, px: Any, scale_px: float, p: FaceParams, geo: FaceGeometry) -> None:
+    """Neck, head, ears, hair, cheeks (blush, AU6 highlight), brows, glabella furrows (AU4), nose wrinkles (AU9)."""
+    skin, g = p.colors["skin"], p.identity
+    a = lambda au: float(p.aus.get(au, 0.0))  # noqa: E731
     d.polygon(px(geo.polys["neck"]), fill=_shade(skin, 0.85))
     d.polygon(px(geo.polys["head"]), fill=skin)
-    # ears
-    g = p.identity
     for s in (1, -1):
         ear = np.array([[0.5 + s * (g["face_w"] - 0.008), g["eye_y"] + 0.03]])
         e = px(ear)[0]
@@ -394,18 +443,14 @@ def render_face(p: FaceParams, size: int = 112, work_size: int = WORK_SIZE,
         d.ellipse([e[0] - r[0], e[1] - r[1], e[0] + r[0], e[1] + r[1]], fill=_shade(skin, 0.92))
     if p.hair:
         d.polygon(px(geo.polys["hair"]), fill=p.colors["hair"])
-    a = lambda au: float(p.aus.get(au, 0.0))  # noqa: E731
-    # cheeks: blush plus a raised highlight (AU6)
     for side in ("left", "right"):
         c = px(geo.anchors[[ANCHOR_INDEX[f"{side}_cheek"]]])[0]
         r = 0.035 * scale_px
         d.ellipse([c[0] - r, c[1] - r * 0.75, c[0] + r, c[1] + r * 0.75],
                   fill=(220, 90, 90, int(255 * (g["blush"] * 0.4 + 0.25 * a(6)))))
-    # brows
     bw = max(1, int(round(g["brow_th"] * scale_px)))
     for side in ("left", "right"):
         d.line(px(geo.polys[f"{side}_brow"]), fill=p.colors["brow"], width=bw, joint="curve")
-    # glabella furrows (AU4) and nose wrinkles (AU9)
     if a(4) > 0.05:
         for s in (1, -1):
             x = 0.5 + s * 0.012
@@ -418,7 +463,12 @@ def render_face(p: FaceParams, size: int = 112, work_size: int = WORK_SIZE,
             y = y_root + 0.012 + 0.011 * k
             d.line(px(_curve(0.5 - 0.03, y, 0.5 + 0.03, y, -0.006, n=7)), fill=_shade(skin, 0.45, 255 * a(9)),
                    width=max(1, int(0.007 * scale_px)))
-    # eyes: sclera, iris and pupil clipped to the lids, lash line
+
+
+def _draw_eyes(d: ImageDraw.ImageDraw, px: Any, scale_px: float, p: FaceParams, geo: FaceGeometry) -> None:
+    """Sclera, iris and pupil clipped to the lids, lash line; crow's feet and lower-lid bulge with AU6."""
+    skin = p.colors["skin"]
+    a = lambda au: float(p.aus.get(au, 0.0))  # noqa: E731
     for side in ("left", "right"):
         upper, lower = geo.polys[f"{side}_eye_upper"], geo.polys[f"{side}_eye_lower"]
         d.polygon(px(np.concatenate([upper, lower[::-1]])), fill=(245, 245, 240))
@@ -439,17 +489,20 @@ def render_face(p: FaceParams, size: int = 112, work_size: int = WORK_SIZE,
                 d.line(px([o + [s * 0.008, k * 0.004], o + [s * 0.026, k * 0.012]]),
                        fill=_shade(skin, 0.6, 230 * a(6)), width=max(1, int(0.005 * scale_px)))
             d.line(px(lower + [0, 0.01]), fill=_shade(skin, 0.7, 200 * a(6)), width=max(1, int(0.005 * scale_px)))
-    # nose: triangle, shading and nostrils
+
+
+def _draw_nose_and_mouth(d: ImageDraw.ImageDraw, px: Any, scale_px: float, p: FaceParams, geo: FaceGeometry) -> None:
+    """Nose and nostrils, nasolabial folds (AU10, AU12, AU9), mouth interior, teeth, lips, chin boss (AU17)."""
+    skin = p.colors["skin"]
+    a = lambda au: float(p.aus.get(au, 0.0))  # noqa: E731
     d.polygon(px(geo.polys["nose"]), fill=_shade(skin, 0.82), outline=_shade(skin, 0.62))
     for nx, ny in geo.polys["nostrils"]:
         c = px([[nx, ny]])[0]
         r = 0.009 * scale_px
         d.ellipse([c[0] - r, c[1] - r * 0.6, c[0] + r, c[1] + r * 0.6], fill=_shade(skin, 0.35))
-    # nasolabial folds deepen with AU10, AU12, AU9
     fold = max(a(10), 0.8 * a(12), 0.6 * a(9), 0.15)
     for side in ("left", "right"):
         d.line(px(geo.polys[f"{side}_fold"]), fill=_shade(skin, 0.6, 255 * fold), width=max(1, int(0.006 * scale_px)))
-    # mouth: interior, teeth, lips, lip line
     uo, ui, li, lo = (geo.polys[k] for k in ("upper_outer", "upper_inner", "lower_inner", "lower_outer"))
     d.polygon(px(np.concatenate([ui, li[::-1]])), fill=(70, 20, 25))
     teeth_h = float(geo.polys["teeth_h"][0, 0])
@@ -463,17 +516,6 @@ def render_face(p: FaceParams, size: int = 112, work_size: int = WORK_SIZE,
     d.line(px(li), fill=(60, 20, 25), width=max(1, int(0.004 * scale_px)))
     if a(17) > 0.05:  # chin boss
         d.line(px(geo.polys["chin_mark"]), fill=_shade(skin, 0.65, 220 * a(17)), width=max(1, int(0.006 * scale_px)))
-    img = img.filter(ImageFilter.GaussianBlur(1.2 * W / WORK_SIZE))
-    if W != size:  # lighting, cue and noise are applied at the output size (cheaper, same look)
-        img = img.resize((size, size), Image.LANCZOS)
-    arr = _lighting(np.asarray(img, dtype=np.float32), p.light)
-    anchors = _apply(m, geo.anchors)
-    if spurious_class is not None:
-        arr = draw_spurious(arr, spurious_class)
-    noise_rng = np.random.default_rng(int(rng_tex.integers(2**31)))
-    arr += noise_rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(p.noise)
-    arr += 0.5
-    return np.clip(arr, 0, 255).astype(np.uint8), anchors.astype(np.float32)
 
 
 def _sorted_xy(curve: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -674,8 +716,6 @@ def plot_sample_grid(path: str | os.PathLike, seed: int = 0, image_size: int = 1
     the title lists the AUs that are truly active (intensity >= 0.2).
     """
     import matplotlib.pyplot as plt
-
-    from fer_lib.utils import atomic_path
 
     cols = len(EXPRESSIONS)
     fig, axes = plt.subplots(2 * n_rows, cols, figsize=(cols * 1.9, 2 * n_rows * 2.05))
