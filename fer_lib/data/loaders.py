@@ -515,32 +515,9 @@ CSV_LAYOUT = ("a CSV with columns path,label[,split]: path relative to the csv's
               "name (synonyms accepted) or an integer id in the class order, split in train/val/test")
 
 
-def load_csv_manifest(csv: str | os.PathLike, root: str | os.PathLike | None = None,
-                      class_names: Sequence[str] | None = None, val_fraction: float = 0.1,
-                      test_fraction: float = 0.1, seed: int = 0, check_files: bool = True) -> DatasetIndex:
-    """A CSV manifest (path,label[,split], extra columns kept in Record.meta).
-
-    Without a split column, records are split by the fractions (stratified, seeded); with
-    one that lacks val, `val_fraction` of train becomes val.
-    """
-    import pandas as pd
-
-    csv = Path(csv)
-    if csv.is_dir():
-        csv = csv / "manifest.csv"
-    if not csv.is_file():
-        raise DatasetLayoutError(f"CSV manifest {csv} does not exist; expected {CSV_LAYOUT}")
-    base = Path(root) if root is not None else csv.parent
-    frame = pd.read_csv(csv, dtype={"path": str, "label": str, "split": str}, keep_default_na=False)
-    missing_cols = [c for c in ("path", "label") if c not in frame.columns]
-    if missing_cols:
-        raise DatasetLayoutError(f"{csv} lacks columns {missing_cols} (has {list(frame.columns)}); expected {CSV_LAYOUT}")
-    names = tuple(class_names) if class_names is not None else None
-    if names is None:
-        labels = {canonical_name(v) for v in frame["label"] if not str(v).strip().lstrip("-").isdigit()}
-        names = EXPRESSIONS_8 if "contempt" in labels else EXPRESSIONS
-        if labels & set(COMPOUND_EXPRESSIONS):
-            names = COMPOUND_EXPRESSIONS
+def _manifest_records(frame: Any, csv: Path, base: Path, names: Sequence[str], check_files: bool
+                      ) -> tuple[list[Record], list[tuple[str, str, str]], list[str]]:
+    """The usable rows of a manifest as Records; the others as (path, reason, split) and bad-label messages."""
     has_split = "split" in frame.columns
     extra = [c for c in frame.columns if c not in ("path", "label", "split")]
     records: list[Record] = []
@@ -580,6 +557,37 @@ def load_csv_manifest(csv: str | os.PathLike, root: str | os.PathLike | None = N
             skipped.append((str(path), "missing image file listed in " + csv.name, tag))
             continue
         records.append(Record(path=str(path), label=label, split=split, meta={c: row[c] for c in extra}))
+    return records, skipped, bad_labels
+
+
+def load_csv_manifest(csv: str | os.PathLike, root: str | os.PathLike | None = None,
+                      class_names: Sequence[str] | None = None, val_fraction: float = 0.1,
+                      test_fraction: float = 0.1, seed: int = 0, check_files: bool = True) -> DatasetIndex:
+    """A CSV manifest (path,label[,split], extra columns kept in Record.meta).
+
+    Without a split column, records are split by the fractions (stratified, seeded); with
+    one that lacks val, `val_fraction` of train becomes val.
+    """
+    import pandas as pd
+
+    csv = Path(csv)
+    if csv.is_dir():
+        csv = csv / "manifest.csv"
+    if not csv.is_file():
+        raise DatasetLayoutError(f"CSV manifest {csv} does not exist; expected {CSV_LAYOUT}")
+    base = Path(root) if root is not None else csv.parent
+    frame = pd.read_csv(csv, dtype={"path": str, "label": str, "split": str}, keep_default_na=False)
+    missing_cols = [c for c in ("path", "label") if c not in frame.columns]
+    if missing_cols:
+        raise DatasetLayoutError(f"{csv} lacks columns {missing_cols} (has {list(frame.columns)}); expected {CSV_LAYOUT}")
+    names = tuple(class_names) if class_names is not None else None
+    if names is None:
+        labels = {canonical_name(v) for v in frame["label"] if not str(v).strip().lstrip("-").isdigit()}
+        names = EXPRESSIONS_8 if "contempt" in labels else EXPRESSIONS
+        if labels & set(COMPOUND_EXPRESSIONS):
+            names = COMPOUND_EXPRESSIONS
+    has_split = "split" in frame.columns
+    records, skipped, bad_labels = _manifest_records(frame, csv, base, names, check_files)
     if not records:
         if bad_labels:
             raise LabelError(f"no usable row in {csv}: {len(bad_labels)} bad label(s), the first: {bad_labels[0]}")

@@ -33,8 +33,10 @@ tap_modules, to_spatial, config).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -208,17 +210,45 @@ def split_regions(x: torch.Tensor, grid: int) -> torch.Tensor:
     return cells.reshape(b, grid * grid * c, sh, sw)
 
 
+@dataclass
+class LNLOptions:
+    """LNLAttenNet's architecture: local networks ("separate" per region or "shared" on the trunk), trunk
+    ("conv", "unet" or a timm backbone name), region grid side (4 = the paper's 16 regions), embedding dim,
+    channels, region votes, attention temperature and dropout. Invalid values fail listing the choices."""
+
+    local: str = "separate"
+    trunk: str = "conv"
+    grid: int = 4
+    dim: int = 128
+    trunk_channels: int = 128
+    local_channels: Sequence[int] = (16, 32, 64)
+    votes: bool = True
+    temperature: float = 1.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("trunk", self.trunk, TRUNKS)
+        check_choice("local", self.local, LOCAL_MODES)
+        if not isinstance(self.grid, int) or not 2 <= self.grid <= 8:
+            raise ConfigError(f"grid must be an integer in 2..8 (4 = the paper's 16 regions), got {self.grid!r}")
+        for name in ("dim", "trunk_channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 8:
+                raise ConfigError(f"{name} must be an integer >= 8, got {getattr(self, name)!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
 class LNLAttenNet(nn.Module):
     """Local multi-network ensemble + non-local region attention + global branch (TappedModel contract)."""
 
-    def __init__(self, num_classes: int = 7, in_chans: int = 3, local: str = "separate", trunk: str = "conv",
-                 grid: int = 4, dim: int = 128, trunk_channels: int = 128,
-                 local_channels: Sequence[int] = (16, 32, 64), votes: bool = True, temperature: float = 1.0,
-                 dropout: float = 0.0, tap_names: Sequence[str] = ("region_attention",),
-                 config: dict[str, Any] | None = None):
+    def __init__(self, num_classes: int = 7, in_chans: int = 3, options: "LNLOptions | None" = None,
+                 tap_names: Sequence[str] = ("region_attention",), config: dict[str, Any] | None = None):
         super().__init__()
-        check_choice("local", local, LOCAL_MODES)
-        check_choice("trunk", trunk, TRUNKS)
+        o = options or LNLOptions()
+        local, trunk, grid, dim, trunk_channels = o.local, o.trunk, o.grid, o.dim, o.trunk_channels
+        local_channels, votes, temperature, dropout = tuple(o.local_channels), o.votes, o.temperature, o.dropout
         self.grid, self.n_regions, self.local_mode = grid, grid * grid, local
         if trunk == "conv":
             self.trunk: nn.Module = ConvTrunk(in_chans, trunk_channels)
@@ -325,63 +355,55 @@ def _load_state(model: nn.Module, path: str | os.PathLike) -> None:
         raise ConfigError(f"weights in {path} do not fit this LNLAttenNet: {exc}") from exc
 
 
-def build_lnlattennet(num_classes: int = 7, image_size: int = 112, trunk: str | None = None,
-                      local: str | None = None, layers: Sequence[str | int] | str | int = ("last",),
-                      backbone: str = "lnlattennet", pretrained: bool = False,
-                      weights: str | os.PathLike | None = None, in_chans: int = 3,
-                      class_names: Sequence[str] | None = None, mean: Sequence[float] | None = None,
-                      std: Sequence[float] | None = None, **options: Any) -> LNLAttenNet:
+_ARCH_OPTIONS = tuple(f.name for f in dataclasses.fields(LNLOptions) if f.name not in ("local", "trunk"))
+
+
+def build_lnlattennet(num_classes: int = 7, image_size: int = 112, layers: Sequence[str | int] | str | int = ("last",),
+                      backbone: str = "lnlattennet", **options: Any) -> LNLAttenNet:
     """Build an LNLAttenNet; `backbone` (one of LNL_BACKBONES) sets local/trunk unless given explicitly.
 
-    options: grid (4), dim (128), trunk_channels (128), local_channels ((16, 32, 64)), votes (True),
-    temperature (1.0), dropout (0.0). Invalid values fail at once listing the choices.
+    options: the fields of LNLOptions (local, trunk, grid=4, dim=128, trunk_channels=128,
+    local_channels=(16, 32, 64), votes=True, temperature=1.0, dropout=0.0) and pretrained / weights
+    (a local LNLAttenNet checkpoint), in_chans, class_names, mean, std. Invalid values fail at once.
     """
     check_choice("backbone", backbone, LNL_BACKBONES)
     variant = LNL_VARIANTS[backbone]
-    trunk = variant["trunk"] if trunk is None else trunk
-    local = variant["local"] if local is None else local
+    trunk = options.pop("trunk", None) or variant["trunk"]
+    local = options.pop("local", None) or variant["local"]
     check_choice("trunk", trunk, TRUNKS)
     check_choice("local", local, LOCAL_MODES)
-    allowed = ("grid", "dim", "trunk_channels", "local_channels", "votes", "temperature", "dropout")
-    unknown = [k for k in options if k not in allowed]
+    build = {k: options.pop(k) for k in ("pretrained", "weights", "in_chans", "class_names", "mean", "std")
+             if k in options}
+    unknown = [k for k in options if k not in _ARCH_OPTIONS]
     if unknown:
-        raise ConfigError(f"unknown LNLAttenNet option(s) {unknown}; valid options: {', '.join(allowed)}")
+        raise ConfigError(f"unknown LNLAttenNet option(s) {unknown}; valid options: {', '.join(_ARCH_OPTIONS)}")
     grid = options.get("grid", 4)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(grid, int) or not 2 <= grid <= 8:
-        raise ConfigError(f"grid must be an integer in 2..8 (4 = the paper's 16 regions), got {grid!r}")
+    arch = LNLOptions(local=local, trunk=trunk, **options)
     if not isinstance(image_size, int) or image_size < 8 * grid:
         raise ConfigError(f"image_size must be an integer >= {8 * grid} for a {grid}x{grid} grid, got {image_size!r}")
-    for name in ("dim", "trunk_channels"):
-        if name in options and (not isinstance(options[name], int) or options[name] < 8):
-            raise ConfigError(f"{name} must be an integer >= 8, got {options[name]!r}")
-    if "temperature" in options and not (isinstance(options["temperature"], (int, float))
-                                         and options["temperature"] > 0):
-        raise ConfigError(f"temperature must be a number > 0, got {options['temperature']!r}")
-    if "dropout" in options and not 0.0 <= float(options["dropout"]) < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {options['dropout']!r}")
-    if pretrained and weights is None:
+    weights = build.get("weights")
+    if build.get("pretrained") and weights is None:
         raise ConfigError("pretrained=True needs weights=<path to a local LNLAttenNet checkpoint>: "
                           "this project never downloads weights")
-    tap_names = lnl_layers(layers)
+    class_names = build.get("class_names")
     if class_names is None:
         class_names = list(EXPRESSIONS) if num_classes == len(EXPRESSIONS) else [f"class_{i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
-    lnl_options = {"local": local, "trunk": trunk, **{k: (list(v) if isinstance(v, tuple) else v)
-                                                       for k, v in options.items()}}
+    in_chans, mean, std = build.get("in_chans", 3), build.get("mean"), build.get("std")
     config = {
         "backbone": backbone, "num_classes": num_classes,
         "layers": [str(l) for l in ([layers] if isinstance(layers, (str, int)) else layers)],
-        "tap_names": tap_names, "image_size": image_size, "class_names": list(class_names),
+        "tap_names": lnl_layers(layers), "image_size": image_size, "class_names": list(class_names),
         "mean": list(mean if mean is not None else (0.485, 0.456, 0.406)),
         "std": list(std if std is not None else (0.229, 0.224, 0.225)),
-        "in_chans": in_chans, "lnl_options": lnl_options,
+        "in_chans": in_chans, "lnl_options": {"local": local, "trunk": trunk, **{
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}},
     }
-    model = LNLAttenNet(num_classes=num_classes, in_chans=in_chans, local=local, trunk=trunk,
-                        tap_names=tap_names, config=config,
-                        **{k: (tuple(v) if k == "local_channels" else v) for k, v in options.items()})
+    model = LNLAttenNet(num_classes=num_classes, in_chans=in_chans, options=arch, tap_names=config["tap_names"],
+                        config=config)
     if weights is not None:
         _load_state(model, weights)
     return model
