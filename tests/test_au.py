@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fer_lib.faces import au
+from fer_lib.faces.au import EXPRESSIONS, render_heatmaps, render_layer_heatmaps
 from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
 
 # Paper (Belharbi et al., FG 2024), Fig. 2, transcribed independently of fer_lib.faces.au
@@ -142,3 +143,35 @@ def test_astronaut_happiness_map_lies_on_mouth_and_cheeks(astronaut_landmarks):
     assert eye_y < cy < chin_y
     assert m[: int(forehead_y)].sum() < 0.02 * m.sum()  # forehead: almost nothing
     assert m[int(eye_y):].sum() > 0.7 * m.sum()  # cheeks and mouth: most of it
+
+
+# --------------------------------------------------------------------------- maps at a layer's size
+def test_cell_means_are_the_pixel_means_of_one_gaussian():
+    from fer_lib.faces.au import _cell_means
+
+    centre, sig = torch.tensor([[0.43, 0.9, -0.02]]), torch.tensor([0.04])
+    for cells, pixels in ((7, 112), (6, 100), (28, 224)):
+        xs = (torch.arange(pixels, dtype=torch.float64) + 0.5) / pixels
+        g = torch.exp(-(xs[None, None] - centre.double()[..., None]) ** 2 / (2 * 0.04 ** 2))  # (1, 3, pixels)
+        pooled = torch.nn.functional.adaptive_avg_pool1d(g, cells)
+        assert (_cell_means(centre, sig, cells, pixels, sub=1).double() - pooled).abs().max() < 1e-3
+
+
+def test_layer_size_maps_match_pooled_image_maps_within_the_stated_tolerance():
+    from fer_lib.data.synthetic import SyntheticConfig, generate_sample
+
+    faces = [generate_sample(e, seed=0, index=i, config=SyntheticConfig(image_size=112))
+             for e in EXPRESSIONS[1:] for i in range(6)]
+    anchors = np.stack([f.anchors for f in faces])
+    anchors[0] = np.nan  # a face without landmarks
+    labels = np.array([f.label for f in faces])
+    for image_size, layer in ((112, 7), (112, 14), (96, 6), (224, 28), (100, 7)):
+        full, valid = render_heatmaps(anchors, labels, image_size)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(full[:, None], layer)[:, 0]
+        maps, valid_layer = render_layer_heatmaps(anchors, labels, layer, image_size)
+        assert maps.shape == (len(faces), layer, layer) and torch.equal(valid, valid_layer) and not valid[0]
+        assert float((maps - pooled).abs().max()) <= 0.05
+        cos = torch.nn.functional.cosine_similarity(maps[valid].flatten(1), pooled[valid].flatten(1))
+        assert float(cos.min()) >= 0.9999
+        one_part = render_layer_heatmaps(anchors, labels, layer, image_size, subcells=1)[0]
+        assert float((one_part - pooled).abs().max()) > 0.05  # the max over blobs is what the parts are for

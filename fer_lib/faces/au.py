@@ -239,32 +239,18 @@ def render_heatmaps(anchors, labels, size: int | Sequence[int], sigma: float | N
     import torch
 
     h, w = _size_hw(size)
-    anchors = torch.as_tensor(anchors, dtype=torch.float32)
-    labels = torch.as_tensor(labels, dtype=torch.long, device=anchors.device)
-    table = blob_table(expressions)
-    index = torch.as_tensor(table.index, device=anchors.device)[labels]  # (B, K)
-    valid_k = torch.as_tensor(table.valid, device=anchors.device)[labels]  # (B, K)
-    has_face = torch.isfinite(anchors).flatten(1).all(dim=1)
-    safe = torch.where(torch.isfinite(anchors), anchors, torch.zeros_like(anchors))
-    centres = torch.gather(safe, 1, index[..., None].expand(-1, -1, 2))  # (B, K, 2)
-    if sigma_mode not in SIGMA_MODES:
-        raise ValueError(f"unknown sigma_mode {sigma_mode!r}; valid: {', '.join(SIGMA_MODES)}")
-    if sigma_mode == "image":
-        sig = torch.full((anchors.shape[0],), REFERENCE_SIGMA if sigma is None else sigma, device=anchors.device)
-    else:
-        iod = (safe[:, ANCHOR_INDEX["left_eye_center"]] - safe[:, ANCHOR_INDEX["right_eye_center"]]).norm(dim=-1)
-        sig = (FACE_SIGMA if sigma is None else sigma) * iod.clamp_min(1e-3)
+    centres, keep, has_face, sig = _batch_blobs(anchors, labels, sigma, sigma_mode, expressions)
+    device = centres.device
     # Each blob is drawn only inside its +-TRUNCATE sigma window (values beyond are < 4e-4)
     # and scattered into the flat maps with a max: only real blobs (no padding), far less
     # work than dense (B, K, h, w) products.
-    n = anchors.shape[0]
-    out = torch.zeros(n * h * w, device=anchors.device)
-    keep = valid_k & has_face[:, None]
+    n = centres.shape[0]
+    out = torch.zeros(n * h * w, device=device)
     img, _ = keep.nonzero(as_tuple=True)
     c = centres[keep]  # (N, 2) all real blobs of the batch
     if len(c):
         radius = int(np.ceil(TRUNCATE * float(sig.max()) * max(h, w)))
-        offsets = torch.arange(-radius, radius + 1, device=anchors.device)
+        offsets = torch.arange(-radius, radius + 1, device=device)
         for s in range(0, len(c), chunk * 16):
             cs, ims = c[s:s + chunk * 16], img[s:s + chunk * 16]
             inv = (1.0 / (2 * sig[ims] ** 2))[:, None]
@@ -279,6 +265,88 @@ def render_heatmaps(anchors, labels, size: int | Sequence[int], sigma: float | N
     out = out.reshape(n, h, w)
     peak = out.flatten(1).amax(dim=1).clamp_min(1e-12) if h * w else torch.ones(n, device=out.device)
     out = out / peak[:, None, None]
-    valid = has_face & valid_k.any(dim=1)
+    valid = keep.any(dim=1)
+    out[~valid] = 0.0
+    return out, valid
+
+
+def _batch_blobs(anchors, labels, sigma: float | None, sigma_mode: str, expressions: Sequence[str]):
+    """Blob centres (B, K, 2), which are real (B, K), which faces have landmarks (B,) and sigma (B,)."""
+    import torch
+
+    anchors = torch.as_tensor(anchors, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=anchors.device)
+    table = blob_table(expressions)
+    index = torch.as_tensor(table.index, device=anchors.device)[labels]
+    valid_k = torch.as_tensor(table.valid, device=anchors.device)[labels]
+    has_face = torch.isfinite(anchors).flatten(1).all(dim=1)
+    safe = torch.where(torch.isfinite(anchors), anchors, torch.zeros_like(anchors))
+    centres = torch.gather(safe, 1, index[..., None].expand(-1, -1, 2))
+    if sigma_mode not in SIGMA_MODES:
+        raise ValueError(f"unknown sigma_mode {sigma_mode!r}; valid: {', '.join(SIGMA_MODES)}")
+    if sigma_mode == "image":
+        sig = torch.full((anchors.shape[0],), REFERENCE_SIGMA if sigma is None else sigma, device=anchors.device)
+    else:
+        iod = (safe[:, ANCHOR_INDEX["left_eye_center"]] - safe[:, ANCHOR_INDEX["right_eye_center"]]).norm(dim=-1)
+        sig = (FACE_SIGMA if sigma is None else sigma) * iod.clamp_min(1e-3)
+    return centres, valid_k & has_face[:, None], has_face, sig
+
+
+def _cell_means(centre, sig, n_cells: int, n_pixels: int, sub: int):
+    """Mean of a 1-D Gaussian over each sub-cell of the adaptive-pooling cells: (B, K) centres ->
+    (B, K, n_cells * sub). Cell i spans pixels [floor(i*n/c), ceil((i+1)*n/c)) as in adaptive_avg_pool,
+    cut into `sub` equal parts; the mean over a part is the integral (an erf difference) over its width."""
+    import math
+
+    import torch
+
+    i = torch.arange(n_cells, device=centre.device, dtype=torch.float64)
+    lo = torch.floor(i * n_pixels / n_cells)
+    width = (torch.ceil((i + 1) * n_pixels / n_cells) - lo) / sub
+    a = ((lo[:, None] + width[:, None] * torch.arange(sub, device=centre.device)) / n_pixels).flatten()
+    b = a + (width / n_pixels).repeat_interleave(sub)
+    s = (sig.double() * math.sqrt(2.0))[:, None, None]
+    c = centre.double()[..., None]
+    mass = torch.erf((b - c) / s) - torch.erf((a - c) / s)
+    mean = mass * (s * math.sqrt(math.pi) / 2) / (b - a)
+    return torch.where(mean > 1e-15, mean, 0.0).float()  # far tails to 0: no subnormal products
+
+
+def render_layer_heatmaps(anchors, labels, size: int | Sequence[int], image_size: int | Sequence[int],
+                          sigma: float | None = None, sigma_mode: str = "image",
+                          expressions: Sequence[str] = EXPRESSIONS, subcells: int | None = None):
+    """Expression heatmaps rendered directly at a tapped layer's size (h, w), for images of `image_size`.
+
+    The result stands for area-pooling (adaptive_avg_pool2d) the image-size map of `render_heatmaps` /
+    `heatmap` to (h, w), without drawing the image-size map. A Gaussian's mean over a rectangle is a
+    product of two erf differences, exact; the map is the max over blobs, and the mean of a max is not
+    the max of the means where two blobs meet. So each cell is cut into `subcells` x `subcells` parts
+    (default: parts no wider than half the blob sigma), the max over blobs is taken per part and the parts are
+    averaged. Tolerance against pooling the pixel map (tests, faces of the synthetic set): cosine >= 0.999
+    per map and max |difference| <= 0.05 at 7x7 from 112 px; <= 1e-3 for a single blob. The image map's
+    normalisation (its peak over pixel centres) is known in closed form. Returns, as `render_heatmaps`,
+    (maps (B, h, w) in [0, 1], valid (B,)).
+    """
+    import math
+
+    import torch
+
+    h, w = _size_hw(size)
+    H, W = _size_hw(image_size)
+    centres, keep, has_face, sig = _batch_blobs(anchors, labels, sigma, sigma_mode, expressions)
+    if subcells is None:  # parts no wider than half the sigma (in pixels) of the narrowest blob, nor than a pixel
+        sigma_px = float(sig.min()) * min(H, W) if len(sig) else 1.0
+        cell_px = max(H / h, W / w)
+        subcells = max(1, min(math.ceil(cell_px), math.ceil(2 * cell_px / max(sigma_px, 1e-6))))
+    gy = _cell_means(centres[..., 1], sig, h, H, subcells)  # (B, K, h * subcells)
+    gx = _cell_means(centres[..., 0], sig, w, W, subcells)  # (B, K, w * subcells)
+    parts = (gy[..., :, None] * gx[..., None, :]).masked_fill(~keep[..., None, None], 0.0).amax(dim=1)
+    cells = parts.view(-1, h, subcells, w, subcells).mean(dim=(2, 4))
+    # the image map's peak: each blob's value at its nearest pixel centre, max over the blobs
+    near_x = ((centres[..., 0] * W).floor().clamp(0, W - 1) + 0.5) / W - centres[..., 0]
+    near_y = ((centres[..., 1] * H).floor().clamp(0, H - 1) + 0.5) / H - centres[..., 1]
+    peak = torch.exp(-(near_x ** 2 + near_y ** 2) / (2 * sig[:, None] ** 2)).masked_fill(~keep, 0.0).amax(dim=1)
+    out = cells / peak.clamp_min(1e-12)[:, None, None]
+    valid = has_face & keep.any(dim=1)
     out[~valid] = 0.0
     return out, valid
