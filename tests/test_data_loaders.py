@@ -338,3 +338,22 @@ def test_a_registered_dataset_builds_by_name_and_unknown_options_are_refused(tmp
         dataset._SOURCES.pop("toy_faces")
     with pytest.raises(ConfigError, match="unknown dataset 'toy_faces'; valid choices: synthetic, rafdb"):
         build_datasets("toy_faces", tmp_path)
+
+
+def test_au_maps_at_the_layer_size_are_the_pooled_image_maps():
+    import torch
+
+    from fer_lib.data import build_datasets
+
+    splits = build_datasets("synthetic", None, image_size=64, seed=0, landmarks="ground_truth", n_per_class=2,
+                            progress=False, augment=False)
+    ds = splits["train"]
+    full = [ds[i][2] for i in range(len(ds))]
+    ds.au_map_size = (4, 4)
+    small = [ds[i][2] for i in range(len(ds))]
+    assert all(m.shape == (1, 4, 4) for m in small) and any(float(m.max()) > 0 for m in small)
+    for f, m in zip(full, small):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(f[None], (4, 4))[0]
+        assert float((pooled - m).abs().max()) <= 0.05
+        if float(pooled.max()) > 0:
+            assert float(torch.nn.functional.cosine_similarity(pooled.flatten(), m.flatten(), dim=0)) >= 0.999

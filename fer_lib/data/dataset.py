@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from fer_lib.faces.au import CODEBOOK, combine_aus
+from fer_lib.faces.au import CODEBOOK, combine_aus, combine_aus_at
 from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
                          detect_landmarks, flip_anchors, get_scheme, load_image, photo_size)
 from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
@@ -87,7 +87,13 @@ def geometric_transform(image: Image.Image, anchors: np.ndarray | None, size: in
 
 # --------------------------------------------------------------------------- dataset
 class FERDataset:
-    """Images with labels, landmark anchors and AU maps aligned under augmentation (a torch Dataset)."""
+    """Images with labels, landmark anchors and AU maps aligned under augmentation (a torch Dataset).
+
+    AU maps come at image size, or directly at a tapped layer's size when `au_map_size` = (h, w) is set
+    (fer_lib.faces.au.combine_aus_at: the area-pooled image map without drawing it; training sets it).
+    """
+
+    au_map_size: tuple[int, int] | None = None
 
     def __init__(self, records: Sequence[Record], class_names: Sequence[str], image_size: int = 112,
                  augment: bool = False, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -130,7 +136,7 @@ class FERDataset:
 
     def sample(self, index: int, augment: bool | None = None, rng: np.random.Generator | None = None
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Transformed (RGB uint8 SxS, anchors or None, AU map SxS float32): the un-normalised sample."""
+        """Transformed (RGB uint8 SxS, anchors or None, AU map float32 SxS or au_map_size): the un-normalised sample."""
         import torch
 
         r = self.records[index]
@@ -158,7 +164,11 @@ class FERDataset:
             image, anchors = geometric_transform(image, anchors, S)
             rgb = np.asarray(image, np.uint8)
         aus = self._class_aus[r.label]
-        au = combine_aus(anchors, aus, S) if anchors is not None and aus else np.zeros((S, S), np.float32)
+        if self.au_map_size is not None:
+            size = tuple(self.au_map_size)
+            au = combine_aus_at(anchors, aus, size, S) if anchors is not None and aus else np.zeros(size, np.float32)
+        else:
+            au = combine_aus(anchors, aus, S) if anchors is not None and aus else np.zeros((S, S), np.float32)
         return rgb, anchors, au
 
     def __getitem__(self, index: int):

@@ -147,10 +147,14 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return (m / peak).astype(np.float32) if peak > 0 else m.astype(np.float32)
 
 
-def _raw_au_map(anchors: np.ndarray, au: int, size: tuple[int, int], sigma: float) -> np.ndarray:
+def _au_region(au: int) -> tuple[str, ...]:
     if au not in AU_REGIONS:
         raise ValueError(f"unknown AU {au!r}; valid AUs: {', '.join(map(str, AU_REGIONS))}")
-    return _blobs(anchors[[ANCHOR_INDEX[a] for a in AU_REGIONS[au]]], size, sigma)
+    return tuple(AU_REGIONS[au])
+
+
+def _raw_au_map(anchors: np.ndarray, au: int, size: tuple[int, int], sigma: float) -> np.ndarray:
+    return _blobs(anchors[[ANCHOR_INDEX[a] for a in _au_region(au)]], size, sigma)
 
 
 def au_map(landmarks: FaceLandmarks | np.ndarray, au: int, size: int | Sequence[int],
@@ -327,13 +331,40 @@ def render_layer_heatmaps(anchors, labels, size: int | Sequence[int], image_size
     normalisation (its peak over pixel centres) is known in closed form. Returns, as `render_heatmaps`,
     (maps (B, h, w) in [0, 1], valid (B,)).
     """
+    centres, keep, has_face, sig = _batch_blobs(anchors, labels, sigma, sigma_mode, expressions)
+    out = _layer_maps(centres, keep, sig, size, image_size, subcells)
+    valid = has_face & keep.any(dim=1)
+    out[~valid] = 0.0
+    return out, valid
+
+
+def combine_aus_at(landmarks: FaceLandmarks | np.ndarray, aus: Sequence[int], size: int | Sequence[int],
+                   image_size: int | Sequence[int], sigma: float | None = None, sigma_mode: str = "image",
+                   subcells: int | None = None) -> np.ndarray:
+    """`combine_aus` of one face rendered directly at a layer's `size` for an image of `image_size`:
+    the area-pooled image map, computed as `render_layer_heatmaps` does (float32 hxw in [0, 1])."""
+    import torch
+
+    hw = _size_hw(size)
+    if not aus:
+        return np.zeros(hw, np.float32)
+    anchors = _as_anchors(landmarks)
+    idx = [ANCHOR_INDEX[a] for au in aus for a in _au_region(au)]
+    centres = torch.as_tensor(anchors[idx], dtype=torch.float32)[None]
+    sig = torch.tensor([sigma_for(anchors, sigma, sigma_mode)], dtype=torch.float32)
+    keep = torch.ones(1, len(idx), dtype=torch.bool)
+    return _layer_maps(centres, keep, sig, hw, image_size, subcells)[0].numpy()
+
+
+def _layer_maps(centres, keep, sig, size, image_size, subcells):
+    """Max over blobs (B, K, 2) of their cell means on sub-cells, averaged per cell, normalised by the
+    image map's peak: the core of render_layer_heatmaps / combine_aus_at."""
     import math
 
     import torch
 
     h, w = _size_hw(size)
     H, W = _size_hw(image_size)
-    centres, keep, has_face, sig = _batch_blobs(anchors, labels, sigma, sigma_mode, expressions)
     if subcells is None:  # parts no wider than half the sigma (in pixels) of the narrowest blob, nor than a pixel
         sigma_px = float(sig.min()) * min(H, W) if len(sig) else 1.0
         cell_px = max(H / h, W / w)
@@ -346,7 +377,4 @@ def render_layer_heatmaps(anchors, labels, size: int | Sequence[int], image_size
     near_x = ((centres[..., 0] * W).floor().clamp(0, W - 1) + 0.5) / W - centres[..., 0]
     near_y = ((centres[..., 1] * H).floor().clamp(0, H - 1) + 0.5) / H - centres[..., 1]
     peak = torch.exp(-(near_x ** 2 + near_y ** 2) / (2 * sig[:, None] ** 2)).masked_fill(~keep, 0.0).amax(dim=1)
-    out = cells / peak.clamp_min(1e-12)[:, None, None]
-    valid = has_face & keep.any(dim=1)
-    out[~valid] = 0.0
-    return out, valid
+    return cells / peak.clamp_min(1e-12)[:, None, None]
