@@ -146,3 +146,31 @@ def test_mediapipe_finds_synthetic_faces():
 def test_sample_grid_figure(tmp_path):
     out = plot_sample_grid(tmp_path / "grid.png", n_rows=1, image_size=64)
     assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_the_oracle_reads_the_true_au_intensities_of_the_generated_faces():
+    from fer_lib.data.synthetic import ALL_AUS, SyntheticConfig, generate_sample, oracle_accuracy, true_au_intensities
+
+    cfg = SyntheticConfig(n_per_class={"train": 40, "test": 10}, image_size=64)
+    x, y = true_au_intensities(cfg, "test")
+    assert x.shape == (70, len(ALL_AUS)) and np.bincount(y).tolist() == [10] * 7
+    e, i = cfg.expressions[y[23]], 23 % 10
+    assert x[23].tolist() == [generate_sample(e, cfg.seed, "test", i, cfg).aus[a] for a in ALL_AUS]
+    assert oracle_accuracy(cfg) >= 0.8  # the AUs carry the expression (chance: 1/7)
+
+
+def test_cue_energy_is_the_share_of_a_map_on_the_cue_square():
+    from fer_lib.data.synthetic import cue_coverage, cue_energy, draw_spurious
+
+    image = draw_spurious(np.zeros((96, 96, 3), np.float32), 3)
+    painted = (image.sum(axis=2) > 0).astype(np.float32)
+    cov = cue_coverage(3, 96, 96)
+    assert np.array_equal(cov, painted)  # at image size: the painted pixels themselves
+    small = cue_coverage(3, (6, 6), 96)
+    assert small.shape == (6, 6) and np.isclose(small.sum() * 16 * 16, painted.sum())
+    on_cue = small * 5.0
+    uniform = np.ones((6, 6))
+    energy = cue_energy(np.stack([on_cue, uniform, np.zeros((6, 6))]), [3, 3, 3], 96)
+    assert np.isclose(energy[0], (small ** 2).sum() / small.sum())
+    assert np.isclose(energy[1], small.sum() / 36) and np.isnan(energy[2])
+    assert cue_energy(on_cue[None], [0], 96)[0] < energy[0]  # another class's square is elsewhere

@@ -556,15 +556,44 @@ def _lighting(arr: np.ndarray, light: tuple[float, float]) -> np.ndarray:
     return arr * g[..., None].astype(np.float32)
 
 
-def draw_spurious(arr: np.ndarray, class_id: int) -> np.ndarray:
-    """Paint class `class_id`'s border cue (a coloured square) onto a float or uint8 RGB array."""
-    (cx, cy), col = SPURIOUS_CUES[class_id % len(SPURIOUS_CUES)]
-    h, w = arr.shape[:2]
+def _cue_pixels(class_id: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixel rows y0:y1 and columns x0:x1 of class `class_id`'s cue square in an h x w image."""
+    (cx, cy), _ = SPURIOUS_CUES[class_id % len(SPURIOUS_CUES)]
     half = SPURIOUS_SIZE / 2
     x0, x1 = int(round((cx - half) * w)), int(round((cx + half) * w))
     y0, y1 = int(round((cy - half) * h)), int(round((cy + half) * h))
+    return max(0, y0), y1, max(0, x0), x1
+
+
+def draw_spurious(arr: np.ndarray, class_id: int) -> np.ndarray:
+    """Paint class `class_id`'s border cue (a coloured square) onto a float or uint8 RGB array."""
+    y0, y1, x0, x1 = _cue_pixels(class_id, *arr.shape[:2])
     out = arr.astype(np.float32, copy=True)
-    out[max(0, y0):y1, max(0, x0):x1] = np.asarray(col, np.float32)
+    out[y0:y1, x0:x1] = np.asarray(SPURIOUS_CUES[class_id % len(SPURIOUS_CUES)][1], np.float32)
+    return out
+
+
+def cue_coverage(class_id: int, size: int | Sequence[int], image_size: int) -> np.ndarray:
+    """The share of each cell of an (h, w) map (a layer's attention, a CAM) that class `class_id`'s cue
+    square covers in an image of `image_size` px: float32 (h, w) in [0, 1]."""
+    h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    y0, y1, x0, x1 = _cue_pixels(class_id, image_size, image_size)
+    mask = np.zeros((image_size, image_size), np.float32)
+    mask[y0:y1, x0:x1] = 1.0
+    rows = np.array_split(np.arange(image_size), h) if image_size % h else np.split(np.arange(image_size), h)
+    cols = np.array_split(np.arange(image_size), w) if image_size % w else np.split(np.arange(image_size), w)
+    return np.array([[mask[np.ix_(r, c)].mean() for c in cols] for r in rows], np.float32)
+
+
+def cue_energy(maps: np.ndarray, class_ids: Sequence[int], image_size: int) -> np.ndarray:
+    """Per map, the share of its (non-negative part's) energy on the cue square of `class_ids[i]`:
+    maps (N, h, w) -> (N,) in [0, 1] (NaN for an all-zero map). The shortcut test's measure."""
+    maps = np.clip(np.asarray(maps, np.float64), 0, None)
+    out = np.full(len(maps), np.nan)
+    for i, (m, c) in enumerate(zip(maps, class_ids)):
+        total = m.sum()
+        if total > 0:
+            out[i] = float((m * cue_coverage(int(c), m.shape, image_size)).sum() / total)
     return out
 
 
@@ -705,6 +734,30 @@ def load_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
         paths, anchors, au_ids, inten, spur = (z["paths"], z["anchors"], z["au_ids"], z["au_intensity"], z["spurious"])
     return {str(p): {"anchors": anchors[i], "aus": {int(a): float(v) for a, v in zip(au_ids, inten[i])},
                      "spurious": int(spur[i])} for i, p in enumerate(paths)}
+
+
+def true_au_intensities(config: SyntheticConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, len(ALL_AUS)) true AU intensities the generator draws for a split, and the (N,) labels, in the
+    order of build_synthetic, without rendering any image."""
+    feats, labels = [], []
+    for e in config.expressions:
+        label = SYNTHETIC_EXPRESSIONS.index(e)
+        for i in range(config.n_per_class.get(split, 0)):
+            params = sample_face(e, image_rng(config.seed, split, label, i), config)
+            feats.append([params.aus.get(a, 0.0) for a in ALL_AUS])
+            labels.append(config.expressions.index(e))
+    return np.asarray(feats, np.float64).reshape(-1, len(ALL_AUS)), np.asarray(labels, np.int64)
+
+
+def oracle_accuracy(config: SyntheticConfig, split: str = "test") -> float:
+    """Test accuracy of the set's ceiling: a logistic regression on the true AU intensities (train split),
+    the information that the faces carry about the expression, read without any vision."""
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, y_train = true_au_intensities(config, "train")
+    x_test, y_test = true_au_intensities(config, split)
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x_train, y_train)
+    return float((clf.predict(x_test) == y_test).mean())
 
 
 # --------------------------------------------------------------------------- figure
