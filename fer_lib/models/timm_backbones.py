@@ -75,11 +75,20 @@ def feature_table(backbone: str) -> tuple[tuple[str, ...], int]:
     return names, max((int(f.get("reduction", 1) or 1) for f in net.feature_info), default=1)
 
 
-def _stages(backbone: str) -> tuple[str, ...]:
+def stage_names(backbone: str) -> tuple[str, ...]:
     return feature_table(backbone)[0]
 
 
-def _min_image_size(backbone: str) -> int:
+def check_cnn_trunk(name: str) -> str:
+    """`name` if it is a timm CNN whose features are a (B, C, h, w) map, else ConfigError naming what is accepted."""
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ConfigError(f"unknown trunk {name!r}: give a timm CNN, e.g. {', '.join(KNOWN_BACKBONES[:4])}")
+    if name.startswith(_IMG_SIZE_PREFIXES):
+        raise ConfigError(f"trunk {name!r} is a transformer; this method takes a CNN trunk, e.g. resnet50")
+    return name
+
+
+def smallest_input(backbone: str) -> int:
     return max(16, feature_table(backbone)[1])
 
 
@@ -297,6 +306,6 @@ def build(spec: ModelSpec) -> TappedModel:
 
 
 register_family(ModelFamily(
-    name="timm", build=build, stages=_stages, min_image_size=_min_image_size, names=KNOWN_BACKBONES,
+    name="timm", build=build, stages=stage_names, min_image_size=smallest_input, names=KNOWN_BACKBONES,
     accepts=lambda name: timm.is_model(name), normalisation=pretrained_normalisation,
     suggestions=timm.list_models))

@@ -1,0 +1,230 @@
+"""Trained interpretable classifiers of the paper's Table 1 (Belharbi et al., FG 2024), as model families.
+
+Each method is a head (or a training-time layer) on a timm CNN trunk, and each exposes its own class
+activation maps, `class_maps(x) -> (B, C, h, w)`, which CAM-COS uses (fer_lib.analysis.interpret):
+
+    wildcat  WILDCAT: multi-map class pooling (Durand et al., "WILDCAT: Weakly Supervised Learning of
+             Deep ConvNets for Image Classification, Pointwise Localization and Segmentation", CVPR 2017)
+    acol     ACoL: adversarial complementary learning (Zhang et al., "Adversarial Complementary Learning
+             for Weakly Supervised Object Localization", CVPR 2018)
+    prm      PRM: peak response maps (Zhou et al., "Weakly Supervised Instance Segmentation using Class
+             Peak Response", CVPR 2018)
+    adl      ADL: attention-based dropout layer (Choe & Shim, "Attention-based Dropout Layer for Weakly
+             Supervised Object Localization", CVPR 2019)
+
+A model name is the method alone (on the paper's ResNet50) or `method:trunk`, e.g.
+`wildcat:tf_efficientnet_lite0` (any timm CNN; its ImageNet weights load as for the timm family). Layers
+are the trunk's stages (`available_layers("wildcat:resnet18")`), so AU guidance taps the same maps as
+for the plain backbone. A method with a second objective (ACoL's erased branch) adds it through
+`aux_loss(labels)`, computed from the last forward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fer_lib.models import timm_backbones
+from fer_lib.models.registry import ModelFamily, ModelSpec, register_family
+from fer_lib.models.tapped import TappedModel
+from fer_lib.utils import ConfigError
+
+DEFAULT_TRUNK = "resnet50"  # the paper's backbone
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'wildcat:resnet18' -> ('wildcat', 'resnet18'); 'wildcat' -> ('wildcat', DEFAULT_TRUNK)."""
+    method, _, trunk = name.partition(":")
+    return method, trunk or DEFAULT_TRUNK
+
+
+def _gap_logits(maps: torch.Tensor) -> torch.Tensor:
+    return maps.mean(dim=(2, 3))
+
+
+class WildcatHead(nn.Module):
+    """M maps per class (1x1 conv), averaged per class; a class score is the mean of its k highest
+    locations plus alpha times the mean of its k lowest (k = a fraction of the locations)."""
+
+    def __init__(self, in_channels: int, num_classes: int, modalities: int = 4, k: float = 0.1, alpha: float = 0.6):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes * modalities, 1)
+        self.num_classes, self.modalities, self.k, self.alpha = num_classes, modalities, k, alpha
+
+    def maps(self, feats: torch.Tensor) -> torch.Tensor:
+        m = self.conv(feats)
+        return m.view(m.shape[0], self.num_classes, self.modalities, *m.shape[2:]).mean(dim=2)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        flat = self.maps(feats).flatten(2)
+        k = max(1, int(round(self.k * flat.shape[-1])))
+        top = flat.topk(k, dim=-1).values.mean(-1)
+        low = flat.topk(k, dim=-1, largest=False).values.mean(-1)
+        return top + self.alpha * low
+
+
+class PeakHead(nn.Module):
+    """Class response maps (1x1 conv); a class score is the mean of the map's local peaks (3x3 maxima)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+
+    def maps(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.conv(feats)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        crm = self.maps(feats)
+        peaks = (crm == F.max_pool2d(crm, 3, stride=1, padding=1)).to(crm.dtype)
+        return (crm * peaks).sum(dim=(2, 3)) / peaks.sum(dim=(2, 3)).clamp_min(1.0)
+
+
+class ACoLHead(nn.Module):
+    """Two classifiers (1x1 conv + GAP): A on the features, B on the features with A's most
+    discriminative region of the predicted class erased (normalised map >= delta). Logits are A's;
+    `aux_loss` is B's cross-entropy, so B learns the complementary regions; the CAM is max(A, B)."""
+
+    def __init__(self, in_channels: int, num_classes: int, delta: float = 0.6):
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, num_classes, 1)
+        self.b = nn.Conv2d(in_channels, num_classes, 1)
+        self.delta = delta
+        self._logits_b: torch.Tensor | None = None
+
+    def _erased(self, feats: torch.Tensor, maps_a: torch.Tensor) -> torch.Tensor:
+        cls = maps_a.mean(dim=(2, 3)).argmax(dim=1).detach()
+        m = maps_a[torch.arange(len(cls)), cls].detach()
+        lo, hi = m.flatten(1).amin(1)[:, None, None], m.flatten(1).amax(1)[:, None, None]
+        keep = ((m - lo) / (hi - lo).clamp_min(1e-6)) < self.delta
+        return feats * keep[:, None].to(feats.dtype)
+
+    def maps(self, feats: torch.Tensor) -> torch.Tensor:
+        maps_a = self.a(feats)
+        maps_b = self.b(self._erased(feats, maps_a))
+        return torch.maximum(_minmax(maps_a), _minmax(maps_b))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        maps_a = self.a(feats)
+        self._logits_b = _gap_logits(self.b(self._erased(feats, maps_a)))
+        return _gap_logits(maps_a)
+
+    def aux_loss(self, labels: torch.Tensor) -> torch.Tensor:
+        if self._logits_b is None:
+            raise RuntimeError("aux_loss needs a forward pass first")
+        return F.cross_entropy(self._logits_b, labels)
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(2)
+    lo, hi = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+    return (maps - lo) / (hi - lo).clamp_min(1e-6)
+
+
+class ADL(nn.Module):
+    """Attention-based dropout on a stage's output, in training only: with probability `drop_rate` the
+    most attended locations (channel-mean attention >= gamma * its max) are dropped, else the features
+    are weighted by the sigmoid of the attention."""
+
+    def __init__(self, drop_rate: float = 0.75, gamma: float = 0.9):
+        super().__init__()
+        self.drop_rate, self.gamma = drop_rate, gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        att = x.mean(dim=1, keepdim=True)
+        peak = att.flatten(1).amax(1)[:, None, None, None]
+        drop = (att < self.gamma * peak).to(x.dtype)
+        importance = torch.sigmoid(att)
+        use_drop = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.drop_rate).to(x.dtype)
+        return x * (use_drop * drop + (1 - use_drop) * importance)
+
+
+class CAMHead(nn.Module):
+    """The plain CAM head: global average pooling + Linear; maps = the Linear's weights x the features."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def maps(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("kc,bchw->bkhw", self.fc.weight, feats) + self.fc.bias[None, :, None, None]
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(feats.mean(dim=(2, 3)))
+
+
+class WSOLNet(nn.Module):
+    """A timm CNN trunk (its classifier removed) and a method's head; ADL layers on chosen trunk stages."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, adl_stages: Sequence[str] = ()):
+        super().__init__()
+        self.trunk, self.head = trunk, head
+        modules = dict(trunk.named_modules())
+        self.adl = nn.ModuleDict({name.replace(".", "_"): ADL() for name in adl_stages})
+        for name in adl_stages:
+            modules[name].register_forward_hook(self._adl_hook(name.replace(".", "_")))
+
+    def _adl_hook(self, key: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            return self.adl[key](output)
+        return hook
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    @torch.no_grad()
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's own class activation maps (B, C, h, w) at the trunk's last stage."""
+        return self.head.maps(self.forward_features(x))
+
+    def aux_loss(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The method's second objective after a forward pass (ACoL), else None."""
+        return self.head.aux_loss(labels) if hasattr(self.head, "aux_loss") else None
+
+
+HEADS = {"wildcat": WildcatHead, "acol": ACoLHead, "prm": PeakHead, "adl": CAMHead}
+
+
+def _check(name: str) -> tuple[str, str]:
+    method, trunk = split_name(name)
+    if method not in HEADS:
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(HEADS)}")
+    timm_backbones.check_cnn_trunk(trunk)
+    return method, trunk
+
+
+def _stages(name: str) -> tuple[str, ...]:
+    return tuple(f"trunk.{s}" for s in timm_backbones.feature_table(_check(name)[1])[0])
+
+
+def build(spec: ModelSpec) -> TappedModel:
+    """Build `method[:trunk]`: the trunk as the timm family builds it (pretrained weights included),
+    its classifier replaced by the method's head."""
+    method, trunk_name = _check(spec.backbone)
+    unknown = sorted(set(spec.options) - {"adl_stages"})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {method}; valid: adl_stages (adl only)")
+    trunk_spec = ModelSpec(**{**vars(spec), "backbone": trunk_name, "options": {},
+                              "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
+    plain = timm_backbones.build(trunk_spec)
+    trunk = plain.net
+    trunk.reset_classifier(0)
+    in_channels = trunk.num_features
+    adl_stages = list(spec.options.get("adl_stages", _stages(spec.backbone)[-2:])) if method == "adl" else []
+    net = WSOLNet(trunk, HEADS[method](in_channels, spec.num_classes),
+                  adl_stages=[s[len("trunk."):] if s.startswith("trunk.") else s for s in adl_stages])
+    config = {**plain.config, "backbone": spec.backbone, "tap_names": list(spec.tap_names)}
+    return TappedModel(net, spec.tap_names, config)
+
+
+register_family(ModelFamily(
+    name="wsol", build=build, stages=_stages, names=tuple(HEADS),
+    accepts=lambda name: isinstance(name, str) and name.partition(":")[0] in HEADS and ":" in name,
+    min_image_size=lambda name: timm_backbones.smallest_input(_check(name)[1]),
+    normalisation=lambda name: timm_backbones.pretrained_normalisation(_check(name)[1])))

@@ -1,0 +1,85 @@
+"""The trained interpretable methods of Table 1 (fer_lib.models.wsol): maps, learning, input response."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fer_lib.models import build_model, list_models, model_from_config
+from fer_lib.utils import ConfigError
+
+METHODS = ("wildcat", "acol", "prm", "adl")
+
+
+def small(method: str):
+    torch.manual_seed(0)
+    return build_model(f"{method}:resnet18", num_classes=3, image_size=64, layers=("last",))
+
+
+def test_the_methods_are_registered_models():
+    assert set(METHODS) <= set(list_models())
+    with pytest.raises(ConfigError, match="transformer; this method takes a CNN trunk"):
+        build_model("wildcat:vit_tiny_patch16_224", image_size=64)
+    with pytest.raises(ConfigError, match="unknown build_model option|unknown option"):
+        build_model("prm:resnet18", image_size=64, options={"modalities": 3})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_maps_shape_range_and_checkpoint_rebuild(method):
+    model = small(method).eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, feats = model(x)
+    maps = model.net.class_maps(x)
+    assert logits.shape == (2, 3) and maps.shape == (2, 3, 2, 2) and feats[0].shape == (2, 512, 2, 2)
+    assert torch.isfinite(maps).all()
+    rebuilt = model_from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.allclose(rebuilt.eval()(x)[0], logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_few_training_steps_lower_the_loss(method):
+    model = small(method).train()
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_now() -> torch.Tensor:
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits, y)
+        aux = model.net.aux_loss(y)
+        return loss + aux if aux is not None else loss
+
+    with torch.no_grad():
+        model.eval()
+        before = float(loss_now())
+        model.train()
+    for _ in range(8):
+        opt.zero_grad()
+        loss_now().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert float(loss_now()) < before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_maps_respond_to_the_input(method):
+    model = build_model(f"{method}:resnet18", num_classes=3, image_size=96, layers=("last",)).eval()
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 96, 96)
+    occluded = x.clone()
+    occluded[..., :48, :48] = 0.0  # one quadrant hidden
+    a, b = model.net.class_maps(x), model.net.class_maps(occluded)
+    assert a.shape == (1, 3, 3, 3) and not torch.allclose(a, b)
+    assert (a - b)[..., :2, :2].abs().sum() > (a - b)[..., 2:, 2:].abs().sum()  # most change where hidden
+
+
+def test_adl_drops_only_in_training():
+    model = small("adl")
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+    model.train()
+    torch.manual_seed(3)
+    assert not torch.allclose(model(x)[0], model.eval()(x)[0])
