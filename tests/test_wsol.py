@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from fer_lib.models import build_model, list_models, model_from_config
 from fer_lib.utils import ConfigError
 
-METHODS = ("wildcat", "acol", "prm", "adl")
+METHODS = ("wildcat", "acol", "prm", "adl", "tscam")
+TRUNK = {"tscam": "deit_tiny_patch16_224"}
 
 
 def small(method: str):
     torch.manual_seed(0)
-    return build_model(f"{method}:resnet18", num_classes=3, image_size=64, layers=("last",))
+    return build_model(f"{method}:{TRUNK.get(method, 'resnet18')}", num_classes=3, image_size=64, layers=("last",))
 
 
 def test_the_methods_are_registered_models():
@@ -30,7 +31,8 @@ def test_maps_shape_range_and_checkpoint_rebuild(method):
     x = torch.randn(2, 3, 64, 64)
     logits, feats = model(x)
     maps = model.net.class_maps(x)
-    assert logits.shape == (2, 3) and maps.shape == (2, 3, 2, 2) and feats[0].shape == (2, 512, 2, 2)
+    side = 4 if method == "tscam" else 2  # 16 px patches / stride 32
+    assert logits.shape == (2, 3) and maps.shape == (2, 3, side, side) and feats[0].shape[-2:] == (side, side)
     assert torch.isfinite(maps).all()
     rebuilt = model_from_config(model.config)
     rebuilt.load_state_dict(model.state_dict())
@@ -65,14 +67,17 @@ def test_a_few_training_steps_lower_the_loss(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_maps_respond_to_the_input(method):
-    model = build_model(f"{method}:resnet18", num_classes=3, image_size=96, layers=("last",)).eval()
+    model = build_model(f"{method}:{TRUNK.get(method, 'resnet18')}", num_classes=3, image_size=96,
+                        layers=("last",)).eval()
     torch.manual_seed(2)
     x = torch.randn(1, 3, 96, 96)
     occluded = x.clone()
     occluded[..., :48, :48] = 0.0  # one quadrant hidden
     a, b = model.net.class_maps(x), model.net.class_maps(occluded)
-    assert a.shape == (1, 3, 3, 3) and not torch.allclose(a, b)
-    assert (a - b)[..., :2, :2].abs().sum() > (a - b)[..., 2:, 2:].abs().sum()  # most change where hidden
+    h = a.shape[-1]
+    assert a.shape[:2] == (1, 3) and not torch.allclose(a, b)
+    change = (a - b).abs()
+    assert change[..., : h // 2, : h // 2].mean() > change[..., h - h // 2:, h - h // 2:].mean()  # most where hidden
 
 
 def test_adl_drops_only_in_training():

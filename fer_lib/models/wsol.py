@@ -11,6 +11,8 @@ activation maps, `class_maps(x) -> (B, C, h, w)`, which CAM-COS uses (fer_lib.an
              Peak Response", CVPR 2018)
     adl      ADL: attention-based dropout layer (Choe & Shim, "Attention-based Dropout Layer for Weakly
              Supervised Object Localization", CVPR 2019)
+    tscam    TS-CAM on a ViT: token semantic coupled attention maps (Gao et al., "TS-CAM: Token Semantic
+             Coupled Attention Map for Weakly Supervised Object Localization", ICCV 2021)
 
 A model name is the method alone (on the paper's ResNet50) or `method:trunk`, e.g.
 `wildcat:tf_efficientnet_lite0` (any timm CNN; its ImageNet weights load as for the timm family). Layers
@@ -32,12 +34,13 @@ from fer_lib.models.tapped import TappedModel
 from fer_lib.utils import ConfigError
 
 DEFAULT_TRUNK = "resnet50"  # the paper's backbone
+DEFAULT_VIT = "deit_small_patch16_224"  # TS-CAM's
 
 
 def split_name(name: str) -> tuple[str, str]:
     """'wildcat:resnet18' -> ('wildcat', 'resnet18'); 'wildcat' -> ('wildcat', DEFAULT_TRUNK)."""
     method, _, trunk = name.partition(":")
-    return method, trunk or DEFAULT_TRUNK
+    return method, trunk or (DEFAULT_VIT if method == "tscam" else DEFAULT_TRUNK)
 
 
 def _gap_logits(maps: torch.Tensor) -> torch.Tensor:
@@ -228,3 +231,86 @@ register_family(ModelFamily(
     accepts=lambda name: isinstance(name, str) and name.partition(":")[0] in HEADS and ":" in name,
     min_image_size=lambda name: timm_backbones.smallest_input(_check(name)[1]),
     normalisation=lambda name: timm_backbones.pretrained_normalisation(_check(name)[1])))
+
+
+# --------------------------------------------------------------------------- TS-CAM (ViT)
+class TSCAMNet(nn.Module):
+    """A timm ViT whose patch tokens, as a map, go through a 3x3 conv to one semantic map per class
+    (logits: their spatial mean); the CAM couples each class's semantic map with the class token's
+    attention to the patches, averaged over heads and blocks."""
+
+    def __init__(self, vit: nn.Module, num_classes: int):
+        super().__init__()
+        vit.reset_classifier(0)
+        self.trunk = vit
+        self.head = nn.Conv2d(vit.num_features, num_classes, 3, padding=1)
+        self._attention: list[torch.Tensor] | None = None
+        for block in vit.blocks:
+            block.attn.fused_attn = False  # the softmax attention passes through attn_drop: recorded there
+            block.attn.attn_drop.register_forward_hook(self._record)
+
+    @property
+    def num_prefix_tokens(self) -> int:  # the token layout TappedModel reads to reshape tapped blocks
+        return self.trunk.num_prefix_tokens
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.trunk.patch_embed
+
+    @property
+    def blocks(self) -> nn.Module:
+        return self.trunk.blocks
+
+    def _record(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._attention is not None:
+            self._attention.append(output.detach())
+
+    def _patch_map(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)[:, self.trunk.num_prefix_tokens:]
+        h, w = self.trunk.patch_embed.grid_size
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._patch_map(x)).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        self._attention = []
+        try:
+            semantic = self.head(self._patch_map(x)).clamp_min(0)
+            prefix = self.trunk.num_prefix_tokens
+            att = torch.stack(self._attention).mean(dim=(0, 2))[:, 0, prefix:]  # class token -> patches
+        finally:
+            self._attention = None
+        return semantic * att.reshape(att.shape[0], 1, *semantic.shape[-2:])
+
+    def aux_loss(self, labels: torch.Tensor) -> None:
+        return None
+
+
+def _check_vit(name: str) -> str:
+    method, vit = split_name(name)
+    if method != "tscam" or not timm_backbones.timm.is_model(vit) or not vit.startswith(("vit", "deit")):
+        raise ConfigError(f"{name!r}: TS-CAM takes a timm ViT / DeiT, e.g. tscam:deit_tiny_patch16_224")
+    return vit
+
+
+def build_tscam(spec: ModelSpec) -> TappedModel:
+    """Build `tscam[:vit]`: the ViT as the timm family builds it (pretrained weights included) + TS-CAM's head."""
+    vit = _check_vit(spec.backbone)
+    if spec.options:
+        raise ConfigError(f"unknown option(s) {sorted(spec.options)} for tscam; it takes none")
+    vit_spec = ModelSpec(**{**vars(spec), "backbone": vit, "options": {},
+                            "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
+    plain = timm_backbones.build(vit_spec)
+    net = TSCAMNet(plain.net, spec.num_classes)
+    return TappedModel(net, spec.tap_names, {**plain.config, "backbone": spec.backbone,
+                                             "tap_names": list(spec.tap_names)})
+
+
+register_family(ModelFamily(
+    name="tscam", build=build_tscam, names=("tscam",),
+    accepts=lambda name: isinstance(name, str) and name.startswith("tscam:"),
+    stages=lambda name: tuple(f"trunk.{s}" for s in timm_backbones.feature_table(_check_vit(name))[0]),
+    min_image_size=lambda name: timm_backbones.smallest_input(_check_vit(name)),
+    normalisation=lambda name: timm_backbones.pretrained_normalisation(_check_vit(name))))
