@@ -175,3 +175,40 @@ def test_layer_size_maps_match_pooled_image_maps_within_the_stated_tolerance():
         assert float(cos.min()) >= 0.9999
         one_part = render_layer_heatmaps(anchors, labels, layer, image_size, subcells=1)[0]
         assert float((one_part - pooled).abs().max()) > 0.05  # the max over blobs is what the parts are for
+
+
+# --------------------------------------------------------------------------- the reference code's style
+def test_dlib68_points_from_mediapipe_are_a_mirror_consistent_face(astronaut_landmarks):
+    from fer_lib.faces.landmarks import DLIB68_MIRROR, dlib68_points
+
+    p = dlib68_points(astronaut_landmarks)
+    assert p.shape == (68, 2) and np.isfinite(p).all()
+    mirrored = p[list(DLIB68_MIRROR)]
+    # a near-frontal face: a point and its mirror sit at about the same height, on opposite sides
+    assert np.abs(p[:, 1] - mirrored[:, 1]).max() < 0.06
+    axis = p[[27, 28, 29, 30, 33, 51, 57, 62, 66, 8], 0].mean()
+    sides = np.sign(p[:, 0] - axis) * np.sign(mirrored[:, 0] - axis)
+    assert (sides[[0, 17, 36, 39, 48, 31]] < 0).all()
+    assert p[36, 0] < p[39, 0] < p[42, 0] < p[45, 0] and p[19, 1] < p[37, 1] < p[30, 1] < p[51, 1] < p[57, 1] < p[8, 1]
+
+
+def test_reference_style_maps_sit_on_the_aus_regions(astronaut_landmarks):
+    from fer_lib.faces.landmarks import dlib68_points
+
+    full = dlib68_points(astronaut_landmarks)
+    lo, hi = full.min(0) - 0.1 * np.ptp(full, 0), full.max(0) + 0.1 * np.ptp(full, 0)
+    p = (full - lo) / (hi - lo)  # the face crop's frame: the reference draws on aligned face crops
+    size = 112
+    smile = au.reference_heatmap(p, au.CODEBOOK["happiness"], size)
+    assert smile.shape == (size, size) and smile.max() == pytest.approx(1.0) and smile.min() >= 0
+    lip_corner = au.reference_au_map(p, 12, size)
+    at = lambda i: lip_corner[int(p[i, 1] * size), int(p[i, 0] * size)]  # noqa: E731
+    assert at(48) >= 0.9 * lip_corner.max() and at(54) >= 0.9 * lip_corner.max()  # discs on both lip corners
+    assert at(19) < 1e-3 and at(24) < 1e-3  # nothing on the brows
+    assert au.reference_heatmap(p, (), size).max() == 0
+    assert au.reference_au_map(p + 5.0, 12, size) is None  # every ellipse outside the image
+    ours = au.heatmap((astronaut_landmarks.anchors() - lo) / (hi - lo), "happiness", size)
+    cos = float((ours * smile).sum() / np.linalg.norm(ours) / np.linalg.norm(smile))
+    assert 0.3 < cos < 0.99  # the same regions, drawn differently
+    with pytest.raises(ValueError, match="no reference ellipse; valid AUs"):
+        au.reference_au_map(p, 43, size)

@@ -357,3 +357,27 @@ def test_au_maps_at_the_layer_size_are_the_pooled_image_maps():
         assert float((pooled - m).abs().max()) <= 0.05
         if float(pooled.max()) > 0:
             assert float(torch.nn.functional.cosine_similarity(pooled.flatten(), m.flatten(), dim=0)) >= 0.999
+
+
+def test_reference_style_au_maps_follow_the_face_under_augmentation(tmp_path):
+    from fer_lib.data import AugmentConfig, build_datasets
+
+    with pytest.raises(ConfigError, match="au_style='reference' draws on dlib-68 positions from detected landmarks"):
+        build_datasets("synthetic", None, image_size=64, landmarks="ground_truth", n_per_class=1, au_style="reference")
+    splits = build_datasets("synthetic", None, image_size=96, seed=0, landmarks="detect", cache_dir=tmp_path,
+                            n_per_class={"train": 2}, progress=False, au_style="reference")
+    ds = splits["train"]
+    assert ds.au_style == "reference"
+    found = [i for i, r in enumerate(ds.records) if r.has_landmarks and ds.class_names[r.label] != "neutral"]
+    assert found and all(ds.records[i].meta["dlib68"].shape == (68, 2) for i in found)
+    i = found[0]
+    plain = ds.sample(i, augment=False)[2]
+    assert plain.shape == (96, 96) and plain.max() == pytest.approx(1.0)
+    ds.augment_config = AugmentConfig(crop_scale=(1.0, 1.0), rotation_deg=0.0, flip_p=1.0, color_jitter=0.0)
+    flipped = ds.sample(i, augment=True, rng=np.random.default_rng(0))[2]
+    assert np.abs(flipped - plain[:, ::-1]).max() < 0.05  # the map mirrors with the face
+    gaussian = build_datasets("synthetic", None, image_size=96, seed=0, landmarks="detect", cache_dir=tmp_path,
+                              n_per_class={"train": 2}, progress=False)["train"]
+    ours = gaussian.sample(i, augment=False)[2]
+    cos = float((ours * plain).sum() / np.linalg.norm(ours) / np.linalg.norm(plain))
+    assert 0.2 < cos < 0.99  # the same AU regions, drawn as ellipses instead of Gaussian blobs

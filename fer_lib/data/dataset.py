@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from fer_lib.faces.au import CODEBOOK, combine_aus, combine_aus_at
+from fer_lib.faces.au import CODEBOOK, combine_aus, combine_aus_at, reference_heatmap
 from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
-                         detect_landmarks, flip_anchors, get_scheme, load_image, photo_size)
+                         DLIB68_MIRROR, FaceLandmarks, detect_landmarks, dlib68_points, flip_anchors,
+                         get_scheme, load_image, photo_size)
 from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
 from fer_lib.data import loaders
 from fer_lib.data.loaders import DatasetIndex, Record
@@ -91,9 +92,12 @@ class FERDataset:
 
     AU maps come at image size, or directly at a tapped layer's size when `au_map_size` = (h, w) is set
     (fer_lib.faces.au.combine_aus_at: the area-pooled image map without drawing it; training sets it).
+    `au_style`: "gaussian" (ours: blobs on named anchors) or "reference" (the reference code's ellipses on
+    dlib-68 positions, fer_lib.faces.au.reference_heatmap; needs detected landmarks, at image size).
     """
 
     au_map_size: tuple[int, int] | None = None
+    au_style: str = "gaussian"
 
     def __init__(self, records: Sequence[Record], class_names: Sequence[str], image_size: int = 112,
                  augment: bool = False, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -153,6 +157,7 @@ class FERDataset:
             angle = (2 * u() - 1) * a.rotation_deg
             flip = u() < a.flip_p
             image, anchors = geometric_transform(image, anchors, S, centre, scale, angle, flip)
+            moves = (centre, scale, angle, flip)
             arr = np.asarray(image, np.float32)
             if a.color_jitter > 0:
                 contrast = 1 + (2 * u() - 1) * a.color_jitter
@@ -162,13 +167,27 @@ class FERDataset:
             rgb = arr.astype(np.uint8)
         else:
             image, anchors = geometric_transform(image, anchors, S)
-            rgb = np.asarray(image, np.uint8)
-        aus = self._class_aus[r.label]
+            rgb, moves = np.asarray(image, np.uint8), None
+        return rgb, anchors, self._au_map(r, anchors, moves)
+
+    def _au_map(self, r: Record, anchors: np.ndarray | None, moves: tuple | None) -> np.ndarray:
+        """The sample's AU map in the dataset's style and size (zeros without landmarks or AUs)."""
+        aus, S = self._class_aus[r.label], self.image_size
+        if self.au_style == "reference":
+            points = r.meta.get("dlib68")
+            if anchors is None or points is None or not aus:
+                return np.zeros((S, S), np.float32)
+            if moves is not None:
+                centre, scale, angle, flip = moves
+                points = transform_anchors(points, centre, scale, angle) if (scale, angle, tuple(centre)) != (
+                    1.0, 0.0, (0.5, 0.5)) else points
+                if flip:
+                    points = np.asarray(points, np.float32)[list(DLIB68_MIRROR)] * [-1, 1] + [1, 0]
+            return reference_heatmap(points, aus, S)
         if self.au_map_size is not None:
             size = tuple(self.au_map_size)
-            au = combine_aus_at(anchors, aus, size, S) if anchors is not None and aus else np.zeros(size, np.float32)
-        else:
-            au = combine_aus(anchors, aus, S) if anchors is not None and aus else np.zeros((S, S), np.float32)
+            return combine_aus_at(anchors, aus, size, S) if anchors is not None and aus else np.zeros(size, np.float32)
+        return combine_aus(anchors, aus, S) if anchors is not None and aus else np.zeros((S, S), np.float32)
         return rgb, anchors, au
 
     def __getitem__(self, index: int):
@@ -251,8 +270,11 @@ def attach_dataset_landmarks(records: Sequence[Record]) -> int:
             continue
         size = (r.image.shape[1], r.image.shape[0]) if r.image is not None else photo_size(r.path)
         norm = np.asarray(points, np.float32) / np.asarray(size, np.float32)
-        r.anchors = get_scheme(str(r.meta.get("landmark_scheme", "dlib68"))).to_anchors(norm)
+        scheme = str(r.meta.get("landmark_scheme", "dlib68"))
+        r.anchors = get_scheme(scheme).to_anchors(norm)
         r.has_landmarks = bool(np.isfinite(r.anchors).all())
+        if scheme in ("dlib68", "mediapipe478"):
+            r.meta["dlib68"] = dlib68_points(FaceLandmarks(norm, scheme, size))
         r.meta["landmark_source"] = "dataset"
         n += int(r.has_landmarks)
     return n
@@ -272,6 +294,8 @@ def attach_detected_landmarks(records: Sequence[Record], cache_dir: str | os.Pat
     for r, a, f, rec in zip(todo, anchors, found, batch.records):
         r.anchors = a if f else None
         r.has_landmarks = bool(f)
+        if f and rec.landmarks.scheme in ("dlib68", "mediapipe478"):
+            r.meta["dlib68"] = dlib68_points(rec.landmarks)  # for au_style="reference"
         if not f:
             r.meta["landmark_reason"] = rec.reason
     stats = dict(batch.stats)
@@ -315,7 +339,9 @@ class DatasetSource:
 
 
 _SOURCES: dict[str, DatasetSource] = {}
-_COMMON_KWARGS = ("max_per_class", "output_dir", "mean", "std", "augment_config", "progress", "validate", "splits")
+_COMMON_KWARGS = ("max_per_class", "output_dir", "mean", "std", "augment_config", "progress", "validate", "splits",
+                  "au_style")
+AU_STYLES = ("gaussian", "reference")
 
 
 def register_dataset(source: DatasetSource) -> DatasetSource:
@@ -407,10 +433,14 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
     Loader options (val_fraction, num_classes, class_names, ...), synthetic options
     (n_per_class, spurious_p, spurious_eval, ...) and common options (max_per_class,
     output_dir for skipped/landmark reports, mean, std, augment_config, progress,
-    validate=True, splits) go in `dataset_kwargs`.
+    validate=True, splits, au_style="gaussian" | "reference") go in `dataset_kwargs`.
     """
     source = dataset_source(name)
     check_choice("landmarks", landmarks, LANDMARK_MODES)
+    au_style = check_choice("au_style", dataset_kwargs.get("au_style", "gaussian"), AU_STYLES)
+    if au_style == "reference" and landmarks != "detect":
+        raise ConfigError("au_style='reference' draws on dlib-68 positions from detected landmarks: use "
+                          f"landmarks='detect', not {landmarks!r}")
     if landmarks == "ground_truth" and name != "synthetic":
         raise ConfigError(f"landmarks='ground_truth' is only available for the synthetic dataset (it has exact "
                           f"anchors); for {name!r} use landmarks='detect' or 'none'")
@@ -460,6 +490,7 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
                         augment_config=common.get("augment_config"), skipped=skipped, name=name, split=split)
         ds.landmark_stats = landmark_stats
         ds.landmark_report = report
+        ds.au_style = au_style
         out[split] = ds
     if not out:
         raise ConfigError(f"dataset {name!r} has no usable images after checks ({len(bad)} unreadable)")

@@ -18,7 +18,7 @@ Two renderers give the same maps: `heatmap()` (numpy, one face, for plots and da
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -378,3 +378,91 @@ def _layer_maps(centres, keep, sig, size, image_size, subcells):
     near_y = ((centres[..., 1] * H).floor().clamp(0, H - 1) + 0.5) / H - centres[..., 1]
     peak = torch.exp(-(near_x ** 2 + near_y ** 2) / (2 * sig[:, None] ** 2)).masked_fill(~keep, 0.0).amax(dim=1)
     return cells / peak.clamp_min(1e-12)[:, None, None]
+
+
+# --------------------------------------------------------------------------- the reference code's maps
+#: size of the images the reference code draws on (RAF-DB's aligned faces): its pixel sizes are fractions of it
+REFERENCE_WORK_SIZE = 100
+REFERENCE_BLUR_SIZE = 28  # each AU's ellipses are resized to 28x28, blurred 3x3 there, resized back
+
+
+def _px(n: float) -> float:
+    return n / REFERENCE_WORK_SIZE
+
+
+def _span(p: np.ndarray, a: int, b: int, floor: float) -> tuple[float, float, float, float]:
+    """The reference's ellipse between points a and b: centred between them, half their x and y extents
+    as axes (its fallback when an extent is 0)."""
+    (xa, ya), (xb, yb) = p[a], p[b]
+    ax, ay = max((xb - xa) / 2, 0.0) or floor, max((yb - ya) / 2, 0.0) or floor
+    return ((xa + xb) / 2, (ya + yb) / 2, ax, ay)
+
+
+def _eyes(p: np.ndarray, extra: float = 0.0) -> list[tuple[float, float, float, float]]:
+    """An ellipse per eye from its corners (x) and lids (y); AU7's is taller by `extra` on each lid."""
+    out = []
+    for left, top, right, bottom in ((36, 38, 39, 41), (42, 44, 45, 47)):
+        x0, x1, y0, y1 = p[left, 0], p[right, 0], p[top, 1], p[bottom, 1]
+        ax = max((x1 - x0) / 2, 0.0) or _px(5)
+        ay = max((y1 + extra - y0 + extra) / 2, 0.0) or _px(5)
+        out.append(((x0 + x1) / 2, (y0 + y1) / 2, ax, ay))
+    return out
+
+
+def _circles(p: np.ndarray, centres: Sequence[tuple[float, float]], r: float) -> list[tuple[float, float, float, float]]:
+    return [(float(x), float(y), r, r) for x, y in centres]
+
+
+def _mouth(p: np.ndarray) -> list[tuple[float, float, float, float]]:
+    cx, cy = (p[48, 0] + p[54, 0]) / 2, (p[51, 1] + p[57, 1]) / 2
+    return [(cx, cy, max((p[54, 0] - p[48, 0]) / 2, 0.0) or _px(5), max((p[57, 1] - p[51, 1]) / 2, 0.0) or _px(5))]
+
+
+#: each AU's filled ellipses (cx, cy, half-axis x, half-axis y), normalised, from dlib-68 points `p`,
+#: as the reference code draws them (its action_units.py; pixel sizes at REFERENCE_WORK_SIZE)
+REFERENCE_AU_ELLIPSES: dict[int, Callable[[np.ndarray], list[tuple[float, float, float, float]]]] = {
+    1: lambda p: [(p[i, 0], p[i, 1], 1 / 8, 1 / 10) for i in (20, 23)],
+    2: lambda p: [(p[i, 0], p[i, 1], 1 / 8, 1 / 10) for i in (18, 25)],
+    4: lambda p: [_span(p, 19, 24, _px(10))],
+    5: lambda p: _eyes(p),
+    6: lambda p: [(p[i, 0], p[i, 1] + 1 / 6, 1 / 10, 1 / 10) for i in (41, 46)],
+    7: lambda p: _eyes(p, extra=_px(10)),
+    9: lambda p: _circles(p, [(p[31, 0], p[29, 1]), (p[35, 0], p[29, 1])], _px(20)),
+    10: lambda p: _circles(p, [(p[48, 0], p[50, 1]), (p[52, 0], p[54, 1])], _px(20)),
+    12: lambda p: _circles(p, [p[48], p[54]], _px(20)),
+    15: lambda p: _circles(p, [p[48], p[54]], _px(20)),
+    16: lambda p: _circles(p, [p[59], p[55]], _px(20)),
+    17: lambda p: [_span(p, 59, 8, _px(5))],
+    20: lambda p: _circles(p, [(p[48] + p[6]) / 2, (p[50] + p[10]) / 2], _px(20)),
+    23: _mouth, 24: _mouth, 26: _mouth, 27: _mouth,
+    25: lambda p: [(p[i, 0], p[i, 1], _px(25), _px(10)) for i in (51, 57)],
+}
+
+
+def reference_au_map(dlib68: np.ndarray, au: int, size: int) -> np.ndarray | None:
+    """One AU's map as the reference code draws it: filled ellipses, resized to 28x28, a 3x3 box blur,
+    resized back (bilinear); float32 (size, size), or None when every ellipse falls outside the image."""
+    import torch
+    import torch.nn.functional as F
+
+    if au not in REFERENCE_AU_ELLIPSES:
+        raise ValueError(f"AU {au} has no reference ellipse; valid AUs: {', '.join(map(str, REFERENCE_AU_ELLIPSES))}")
+    p = np.asarray(dlib68, np.float64)
+    centres = (np.arange(size) + 0.5) / size
+    canvas = np.zeros((size, size), np.float32)
+    for cx, cy, ax, ay in REFERENCE_AU_ELLIPSES[au](p):
+        inside = ((centres[None, :] - cx) / ax) ** 2 + ((centres[:, None] - cy) / ay) ** 2 <= 1.0
+        canvas[inside] = 1.0
+    if not canvas.any():
+        return None
+    t = torch.from_numpy(canvas)[None, None]
+    t = F.interpolate(t, size=(REFERENCE_BLUR_SIZE,) * 2, mode="bilinear", align_corners=False)
+    t = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def reference_heatmap(dlib68: np.ndarray, aus: Sequence[int], size: int) -> np.ndarray:
+    """The reference code's AU heatmap of a face: max over the AUs' maps, normalised to [0, 1]; zeros when
+    no AU (neutral) or no ellipse inside the image. `au_style="reference"` of the datasets."""
+    maps = [m for m in (reference_au_map(dlib68, au, size) for au in aus) if m is not None]
+    return _normalise(np.max(np.stack(maps), axis=0)) if maps else np.zeros((size, size), np.float32)

@@ -147,6 +147,33 @@ DLIB_68 = LandmarkScheme(
     },
 )
 
+#: dlib-68 points from MediaPipe's 478 (the mean of the listed points), for the reference code's AU maps
+DLIB68_FROM_MEDIAPIPE: tuple[tuple[int, ...], ...] = (
+    (127,), (234,), (93,), (132, 58), (58, 172), (136,), (150,), (176,), (152,), (400,), (379,), (365,),
+    (397, 288), (361,), (323,), (454,), (356,),                              # 0-16 jaw
+    (70,), (63,), (105,), (66,), (107,), (336,), (296,), (334,), (293,), (300,),  # 17-26 brows
+    (168, 6), (197, 195), (5,), (4,), (75,), (97,), (2,), (326,), (305,),     # 27-35 nose
+    (33,), (160,), (158,), (133,), (153,), (144,), (362,), (385,), (387,), (263,), (373,), (380,),  # 36-47 eyes
+    (61,), (40,), (37,), (0,), (267,), (270,), (291,), (321,), (314,), (17,), (84,), (91,),  # 48-59 outer lips
+    (78,), (81,), (13,), (311,), (308,), (402,), (14,), (178,),               # 60-67 inner lips
+)
+#: the dlib-68 point each point becomes in a horizontally mirrored face
+DLIB68_MIRROR: tuple[int, ...] = (
+    tuple(range(16, -1, -1)) + (26, 25, 24, 23, 22, 21, 20, 19, 18, 17) + (27, 28, 29, 30, 35, 34, 33, 32, 31)
+    + (45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40)
+    + (54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55) + (64, 63, 62, 61, 60, 67, 66, 65))
+
+
+def dlib68_points(landmarks: "FaceLandmarks") -> np.ndarray:
+    """(68, 2) normalised dlib-68 positions of a face found by MediaPipe (478 points) or dlib (68)."""
+    if landmarks.scheme == "dlib68":
+        return np.asarray(landmarks.points, np.float32)
+    if landmarks.scheme != "mediapipe478":
+        raise ValueError(f"dlib-68 positions come from the mediapipe478 or dlib68 scheme, not {landmarks.scheme!r}")
+    pts = np.asarray(landmarks.points, np.float32)
+    return np.stack([pts[list(idx)].mean(axis=0) for idx in DLIB68_FROM_MEDIAPIPE])
+
+
 #: identity scheme for points that already are the named anchors (synthetic ground truth)
 ANCHOR_SCHEME = LandmarkScheme(
     name="anchors", num_points=len(ANCHORS), anchor_points={a: (i,) for i, a in enumerate(ANCHORS)}
