@@ -1,7 +1,9 @@
 """Heatmaps per second: batched torch renderer vs a straightforward per-image numpy loop.
 
 Measured side by side in one run, at 56x56 and 224x224, on the same random faces and labels.
-Goal (issue 2): batched >= 20x the loop, and >= 5,000 maps/s at 56x56 on 2 CPU cores.
+Goal: batched >= 20x the loop at 56x56 and >= 5x at 224x224. Then the maps training needs: the image-size
+map area-pooled to a tapped layer (7x7, 14x14, 28x28) vs the same map rendered directly at the layer's size
+(au.render_layer_heatmaps), for 112 and 224 px images.
 Usage: python bench/heatmaps.py [--batch 512] [--repeats 5] [--device cpu]
 """
 from __future__ import annotations
@@ -60,6 +62,19 @@ def main() -> None:
         batch_s = time_best(batched, args.repeats)
         loop_rate, batch_rate = n_loop / loop_s, args.batch / batch_s
         print(f"{size:>4}x{size:<3} {loop_rate:>18,.0f} {batch_rate:>15,.0f} {batch_rate / loop_rate:>6.1f}x")
+    print(f"\n{'image -> layer':>16} {'render+pool maps/s':>19} {'at layer maps/s':>16} {'ratio':>7}")
+    for image_size, layer in ((112, 7), (112, 14), (112, 28), (224, 7), (224, 28)):
+        def pooled():
+            maps, _ = au.render_heatmaps(a_t, l_t, image_size)
+            return torch.nn.functional.adaptive_avg_pool2d(maps[:, None], layer)
+
+        def direct():
+            return au.render_layer_heatmaps(a_t, l_t, layer, image_size)
+
+        pooled(), direct()  # warm-up
+        pool_rate = args.batch / time_best(pooled, args.repeats)
+        direct_rate = args.batch / time_best(direct, args.repeats)
+        print(f"{image_size:>9} -> {layer:<4} {pool_rate:>19,.0f} {direct_rate:>16,.0f} {direct_rate / pool_rate:>6.1f}x")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Two renderers give the same maps: `heatmap()` (numpy, one face, for plots and da
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -153,6 +154,11 @@ def _au_region(au: int) -> tuple[str, ...]:
     return tuple(AU_REGIONS[au])
 
 
+def _union_index(aus: Sequence[int]) -> list[int]:
+    """Anchor indices of every region of `aus`, each once (first-seen order)."""
+    return list(dict.fromkeys(ANCHOR_INDEX[a] for au in aus for a in _au_region(au)))
+
+
 def _raw_au_map(anchors: np.ndarray, au: int, size: tuple[int, int], sigma: float) -> np.ndarray:
     return _blobs(anchors[[ANCHOR_INDEX[a] for a in _au_region(au)]], size, sigma)
 
@@ -180,8 +186,9 @@ def combine_aus(landmarks: FaceLandmarks | np.ndarray, aus: Sequence[int], size:
         return np.zeros(hw, np.float32)
     anchors = _as_anchors(landmarks)
     sig = sigma_for(anchors, sigma, sigma_mode)
-    # max of the raw blobs, normalised once: the same maps as render_heatmaps()
-    return _normalise(np.max(np.stack([_raw_au_map(anchors, au, hw, sig) for au in aus]), axis=0))
+    # the max over the AUs' blobs is the max over the union of their anchors: each blob drawn once,
+    # normalised once (the same maps as render_heatmaps())
+    return _normalise(_blobs(anchors[_union_index(aus)], hw, sig))
 
 
 def heatmap(landmarks: FaceLandmarks | np.ndarray, expression: str, size: int | Sequence[int],
@@ -296,88 +303,87 @@ def _batch_blobs(anchors, labels, sigma: float | None, sigma_mode: str, expressi
     return centres, valid_k & has_face[:, None], has_face, sig
 
 
-def _cell_means(centre, sig, n_cells: int, n_pixels: int, sub: int):
-    """Mean of a 1-D Gaussian over each sub-cell of the adaptive-pooling cells: (B, K) centres ->
-    (B, K, n_cells * sub). Cell i spans pixels [floor(i*n/c), ceil((i+1)*n/c)) as in adaptive_avg_pool,
+def _cell_means(centres: np.ndarray, sigma: float, n_cells: int, n_pixels: int, sub: int) -> np.ndarray:
+    """Mean of a 1-D Gaussian over each sub-cell of the adaptive-pooling cells: (K,) centres ->
+    (K, n_cells * sub). Cell i spans pixels [floor(i*n/c), ceil((i+1)*n/c)) as in adaptive_avg_pool,
     cut into `sub` equal parts; the mean over a part is the integral (an erf difference) over its width."""
-    import math
+    from scipy.special import erf
 
-    import torch
-
-    i = torch.arange(n_cells, device=centre.device, dtype=torch.float64)
-    lo = torch.floor(i * n_pixels / n_cells)
-    width = (torch.ceil((i + 1) * n_pixels / n_cells) - lo) / sub
-    a = ((lo[:, None] + width[:, None] * torch.arange(sub, device=centre.device)) / n_pixels).flatten()
-    b = a + (width / n_pixels).repeat_interleave(sub)
-    s = (sig.double() * math.sqrt(2.0))[:, None, None]
-    c = centre.double()[..., None]
-    mass = torch.erf((b - c) / s) - torch.erf((a - c) / s)
-    mean = mass * (s * math.sqrt(math.pi) / 2) / (b - a)
-    return torch.where(mean > 1e-15, mean, 0.0).float()  # far tails to 0: no subnormal products
+    i = np.arange(n_cells, dtype=np.float64)
+    lo = np.floor(i * n_pixels / n_cells)
+    width = (np.ceil((i + 1) * n_pixels / n_cells) - lo) / sub
+    a = ((lo[:, None] + width[:, None] * np.arange(sub)) / n_pixels).ravel()
+    b = a + np.repeat(width / n_pixels, sub)
+    s = sigma * math.sqrt(2.0)
+    c = np.asarray(centres, np.float64)[:, None]
+    mean = (erf((b - c) / s) - erf((a - c) / s)) * (s * math.sqrt(math.pi) / 2) / (b - a)
+    return np.where(mean > 1e-15, mean, 0.0)  # far tails to 0: no subnormal products
 
 
-def render_layer_heatmaps(anchors, labels, size: int | Sequence[int], image_size: int | Sequence[int],
-                          sigma: float | None = None, sigma_mode: str = "image",
-                          expressions: Sequence[str] = EXPRESSIONS, subcells: int | None = None):
-    """Expression heatmaps rendered directly at a tapped layer's size (h, w), for images of `image_size`.
+def default_subcells(size: int | Sequence[int], image_size: int | Sequence[int], sigma: float) -> int:
+    """Parts per cell side: no wider than half the blob sigma (sigma: a fraction of the image), nor than a pixel."""
+    (h, w), (H, W) = _size_hw(size), _size_hw(image_size)
+    cell_px = max(H / h, W / w)
+    return max(1, min(math.ceil(cell_px), math.ceil(2 * cell_px / max(sigma * min(H, W), 1e-6))))
 
-    The result stands for area-pooling (adaptive_avg_pool2d) the image-size map of `render_heatmaps` /
-    `heatmap` to (h, w), without drawing the image-size map. A Gaussian's mean over a rectangle is a
-    product of two erf differences, exact; the map is the max over blobs, and the mean of a max is not
-    the max of the means where two blobs meet. So each cell is cut into `subcells` x `subcells` parts
-    (default: parts no wider than half the blob sigma), the max over blobs is taken per part and the parts are
-    averaged. Tolerance against pooling the pixel map (tests, faces of the synthetic set): cosine >= 0.999
-    per map and max |difference| <= 0.05 at 7x7 from 112 px; <= 1e-3 for a single blob. The image map's
-    normalisation (its peak over pixel centres) is known in closed form. Returns, as `render_heatmaps`,
-    (maps (B, h, w) in [0, 1], valid (B,)).
-    """
-    centres, keep, has_face, sig = _batch_blobs(anchors, labels, sigma, sigma_mode, expressions)
-    out = _layer_maps(centres, keep, sig, size, image_size, subcells)
-    valid = has_face & keep.any(dim=1)
-    out[~valid] = 0.0
-    return out, valid
+
+def _layer_map(centres: np.ndarray, sigma: float, size: tuple[int, int], image_size: tuple[int, int],
+               subcells: int | None) -> np.ndarray:
+    """Max over blobs (K, 2) of their means on sub-cells, averaged per cell, over the image map's peak."""
+    (h, w), (H, W) = size, image_size
+    sub = default_subcells(size, image_size, sigma) if subcells is None else int(subcells)
+    gy = _cell_means(centres[:, 1], sigma, h, H, sub)  # (K, h * sub)
+    gx = _cell_means(centres[:, 0], sigma, w, W, sub)  # (K, w * sub)
+    parts = np.zeros((h * sub, w * sub))
+    for y, x in zip(gy, gx):
+        np.maximum(parts, np.outer(y, x), out=parts)
+    cells = parts.reshape(h, sub, w, sub).mean(axis=(1, 3))
+    # the image map's peak: each blob's value at its nearest pixel centre, max over the blobs
+    near_x = (np.clip(np.floor(centres[:, 0] * W), 0, W - 1) + 0.5) / W - centres[:, 0]
+    near_y = (np.clip(np.floor(centres[:, 1] * H), 0, H - 1) + 0.5) / H - centres[:, 1]
+    peak = float(np.exp(-(near_x ** 2 + near_y ** 2) / (2 * sigma ** 2)).max())
+    return (cells / max(peak, 1e-12)).astype(np.float32)
 
 
 def combine_aus_at(landmarks: FaceLandmarks | np.ndarray, aus: Sequence[int], size: int | Sequence[int],
                    image_size: int | Sequence[int], sigma: float | None = None, sigma_mode: str = "image",
                    subcells: int | None = None) -> np.ndarray:
     """`combine_aus` of one face rendered directly at a layer's `size` for an image of `image_size`:
-    the area-pooled image map, computed as `render_layer_heatmaps` does (float32 hxw in [0, 1])."""
-    import torch
-
+    float32 (h, w) in [0, 1], standing for area-pooling (adaptive_avg_pool2d) the image-size map without
+    drawing it. A Gaussian's mean over a rectangle is a product of two erf differences, exact; the map
+    is the max over blobs, and the mean of a max is not the max of the means where two blobs meet. So
+    each cell is cut into `subcells` x `subcells` parts (default: no wider than half the blob sigma), the
+    max over blobs is taken per part and the parts are averaged. Tolerance against pooling the pixel map
+    (tests, faces of the synthetic set): cosine >= 0.9999 per map and max |difference| <= 0.05; exact to
+    1e-3 for one blob. The image map's normalisation (its peak over pixel centres) is known in closed form."""
     hw = _size_hw(size)
     if not aus:
         return np.zeros(hw, np.float32)
     anchors = _as_anchors(landmarks)
-    idx = [ANCHOR_INDEX[a] for au in aus for a in _au_region(au)]
-    centres = torch.as_tensor(anchors[idx], dtype=torch.float32)[None]
-    sig = torch.tensor([sigma_for(anchors, sigma, sigma_mode)], dtype=torch.float32)
-    keep = torch.ones(1, len(idx), dtype=torch.bool)
-    return _layer_maps(centres, keep, sig, hw, image_size, subcells)[0].numpy()
+    centres = np.asarray(anchors[_union_index(aus)], np.float64)
+    if not np.isfinite(centres).all():
+        return np.zeros(hw, np.float32)
+    return _layer_map(centres, sigma_for(anchors, sigma, sigma_mode), hw, _size_hw(image_size), subcells)
 
 
-def _layer_maps(centres, keep, sig, size, image_size, subcells):
-    """Max over blobs (B, K, 2) of their cell means on sub-cells, averaged per cell, normalised by the
-    image map's peak: the core of render_layer_heatmaps / combine_aus_at."""
-    import math
-
+def render_layer_heatmaps(anchors, labels, size: int | Sequence[int], image_size: int | Sequence[int],
+                          sigma: float | None = None, sigma_mode: str = "image",
+                          expressions: Sequence[str] = EXPRESSIONS, subcells: int | None = None):
+    """Expression heatmaps of many faces at a layer's `size` (combine_aus_at per face): the batched
+    counterpart of `render_heatmaps` for what training needs. Returns (maps (B, h, w), valid (B,)) tensors."""
     import torch
 
-    h, w = _size_hw(size)
-    H, W = _size_hw(image_size)
-    if subcells is None:  # parts no wider than half the sigma (in pixels) of the narrowest blob, nor than a pixel
-        sigma_px = float(sig.min()) * min(H, W) if len(sig) else 1.0
-        cell_px = max(H / h, W / w)
-        subcells = max(1, min(math.ceil(cell_px), math.ceil(2 * cell_px / max(sigma_px, 1e-6))))
-    gy = _cell_means(centres[..., 1], sig, h, H, subcells)  # (B, K, h * subcells)
-    gx = _cell_means(centres[..., 0], sig, w, W, subcells)  # (B, K, w * subcells)
-    parts = (gy[..., :, None] * gx[..., None, :]).masked_fill(~keep[..., None, None], 0.0).amax(dim=1)
-    cells = parts.view(-1, h, subcells, w, subcells).mean(dim=(2, 4))
-    # the image map's peak: each blob's value at its nearest pixel centre, max over the blobs
-    near_x = ((centres[..., 0] * W).floor().clamp(0, W - 1) + 0.5) / W - centres[..., 0]
-    near_y = ((centres[..., 1] * H).floor().clamp(0, H - 1) + 0.5) / H - centres[..., 1]
-    peak = torch.exp(-(near_x ** 2 + near_y ** 2) / (2 * sig[:, None] ** 2)).masked_fill(~keep, 0.0).amax(dim=1)
-    return cells / peak.clamp_min(1e-12)[:, None, None]
+    anchors = np.asarray(torch.as_tensor(anchors, dtype=torch.float32).cpu())
+    labels = np.asarray(torch.as_tensor(labels).cpu())
+    hw = _size_hw(size)
+    maps = np.zeros((len(anchors), *hw), np.float32)
+    valid = np.zeros(len(anchors), bool)
+    for i, (a, label) in enumerate(zip(anchors, labels)):
+        aus = expression_aus(expressions[int(label)])
+        if aus and np.isfinite(a).all():
+            maps[i] = combine_aus_at(a, aus, hw, image_size, sigma, sigma_mode, subcells)
+            valid[i] = True
+    return torch.from_numpy(maps), torch.from_numpy(valid)
 
 
 # --------------------------------------------------------------------------- the reference code's maps
