@@ -13,6 +13,9 @@ activation maps, `class_maps(x) -> (B, C, h, w)`, which CAM-COS uses (fer_lib.an
              Supervised Object Localization", CVPR 2019)
     tscam    TS-CAM on a ViT: token semantic coupled attention maps (Gao et al., "TS-CAM: Token Semantic
              Coupled Attention Map for Weakly Supervised Object Localization", ICCV 2021)
+    apvit    APViT: a CNN's feature patches, attentive patch pooling, transformer blocks with attentive token
+             pooling (Xue et al., "Vision Transformer with Attentive Pooling for Robust Facial Expression
+             Recognition", IEEE TAC 2022); here on any timm CNN with a small transformer trained from scratch
 
 A model name is the method alone (on the paper's ResNet50) or `method:trunk`, e.g.
 `wildcat:tf_efficientnet_lite0` (any timm CNN; its ImageNet weights load as for the timm family). Layers
@@ -314,3 +317,96 @@ register_family(ModelFamily(
     stages=lambda name: tuple(f"trunk.{s}" for s in timm_backbones.feature_table(_check_vit(name))[0]),
     min_image_size=lambda name: timm_backbones.smallest_input(_check_vit(name)),
     normalisation=lambda name: timm_backbones.pretrained_normalisation(_check_vit(name))))
+
+
+# --------------------------------------------------------------------------- APViT
+class APViTNet(nn.Module):
+    """APViT: the CNN trunk's last feature map as patch tokens; attentive patch pooling keeps the `keep`
+    share of patches with the largest channel-mean attention; `depth` transformer blocks (timm's Block)
+    with a class token, where attentive token pooling keeps the `token_keep` share of tokens that the class
+    token attends to most after the middle block; the class token classifies. Its CAM: the class token's
+    last attention, put back on the patch grid, times the patch attention."""
+
+    def __init__(self, trunk: nn.Module, num_classes: int, dim: int = 192, depth: int = 4, heads: int = 3,
+                 keep: float = 0.8, token_keep: float = 0.7):
+        from timm.models.vision_transformer import Block
+
+        super().__init__()
+        trunk.reset_classifier(0)
+        self.trunk, self.keep, self.token_keep = trunk, keep, token_keep
+        self.proj = nn.Linear(trunk.num_features, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, 1024, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        for block in self.blocks:
+            block.attn.fused_attn = False  # its softmax attention passes through attn_drop: read there
+            block.attn.attn_drop.register_forward_hook(self._record)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+        self._last_attention: torch.Tensor | None = None
+
+    def _record(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._last_attention = output
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(x)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        feats = self.forward_features(x)
+        b, _, h, w = feats.shape
+        patch_att = feats.mean(dim=1).flatten(1)  # (B, h*w)
+        if h * w > self.pos.shape[1]:
+            raise ConfigError(f"APViT takes at most {self.pos.shape[1]} patches; the trunk gives {h}x{w}")
+        k = max(1, int(round(self.keep * h * w)))
+        kept = patch_att.topk(k, dim=1).indices  # attentive patch pooling
+        tokens = self.proj(feats.flatten(2).transpose(1, 2)) + self.pos[:, : h * w]
+        tokens = torch.gather(tokens, 1, kept[..., None].expand(-1, -1, tokens.shape[-1]))
+        z = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        for i, block in enumerate(self.blocks):
+            z = block(z)
+            if i == len(self.blocks) // 2 - 1:  # attentive token pooling after the middle block
+                att = self._last_attention.mean(dim=1)[:, 0, 1:]  # class token -> tokens
+                t = max(1, int(round(self.token_keep * att.shape[1])))
+                top = att.topk(t, dim=1).indices
+                z = torch.cat([z[:, :1], torch.gather(z[:, 1:], 1, top[..., None].expand(-1, -1, z.shape[-1]))], 1)
+                kept = torch.gather(kept, 1, top)
+        return self.norm(z[:, 0]), kept, patch_att, (h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._encode(x)[0])
+
+    @torch.no_grad()
+    def class_maps(self, x: torch.Tensor) -> torch.Tensor:
+        cls, kept, patch_att, (h, w) = self._encode(x)
+        att = self._last_attention.mean(dim=1)[:, 0, 1:]  # the last block's class-token attention
+        grid = torch.zeros_like(patch_att).scatter_(1, kept, att) * patch_att.clamp_min(0)
+        scores = self.head(cls).softmax(dim=1)  # each class's map: the shared evidence map x its probability
+        return scores[:, :, None, None] * grid.view(-1, 1, h, w)
+
+    def aux_loss(self, labels: torch.Tensor) -> None:
+        return None
+
+
+def build_apvit(spec: ModelSpec) -> TappedModel:
+    """Build `apvit[:cnn]`: the CNN trunk as the timm family builds it (pretrained weights included), then
+    APViT's pooling and transformer; options: dim, depth, heads, keep, token_keep."""
+    method, trunk_name = split_name(spec.backbone)
+    timm_backbones.check_cnn_trunk(trunk_name)
+    allowed = {"dim", "depth", "heads", "keep", "token_keep"}
+    if set(spec.options) - allowed:
+        raise ConfigError(f"unknown option(s) {sorted(set(spec.options) - allowed)} for apvit; valid: {sorted(allowed)}")
+    trunk_spec = ModelSpec(**{**vars(spec), "backbone": trunk_name, "options": {},
+                              "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
+    plain = timm_backbones.build(trunk_spec)
+    net = APViTNet(plain.net, spec.num_classes, **spec.options)
+    return TappedModel(net, spec.tap_names, {**plain.config, "backbone": spec.backbone,
+                                             "tap_names": list(spec.tap_names)})
+
+
+register_family(ModelFamily(
+    name="apvit", build=build_apvit, names=("apvit",),
+    accepts=lambda name: isinstance(name, str) and name.startswith("apvit:"),
+    stages=lambda name: tuple(f"trunk.{s}" for s in timm_backbones.feature_table(split_name(name)[1])[0]),
+    min_image_size=lambda name: timm_backbones.smallest_input(split_name(name)[1]),
+    normalisation=lambda name: timm_backbones.pretrained_normalisation(split_name(name)[1])))
