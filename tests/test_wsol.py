@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fer_lib.models import build_model, list_models, model_from_config
 from fer_lib.utils import ConfigError
 
-METHODS = ("wildcat", "acol", "prm", "adl", "tscam", "apvit")
+METHODS = ("wildcat", "acol", "prm", "adl", "cutmix", "tscam", "apvit")
 TRUNK = {"tscam": "deit_tiny_patch16_224"}
 
 
@@ -89,3 +89,21 @@ def test_adl_drops_only_in_training():
     model.train()
     torch.manual_seed(3)
     assert not torch.allclose(model(x)[0], model.eval()(x)[0])
+
+
+def test_cutmix_pastes_one_box_into_images_and_au_maps_and_mixes_labels_by_area():
+    from fer_lib.models.wsol import cutmix_batch
+
+    torch.manual_seed(4)
+    images = torch.arange(4.0)[:, None, None, None].expand(4, 3, 64, 64).clone()  # image i is filled with i
+    maps = torch.arange(4.0)[:, None, None, None].expand(4, 1, 16, 16).clone()
+    has = torch.tensor([True, True, False, True])
+    mixed, mixed_maps, mixed_has, perm, lam = cutmix_batch(images, maps, has, generator=torch.Generator().manual_seed(0))
+    pasted = mixed[:, 0] != images[:, 0]
+    share = pasted.float().mean(dim=(1, 2))
+    moved = perm != torch.arange(4)
+    assert moved.any()
+    assert torch.allclose(share[moved], torch.full_like(share[moved], 1 - lam))  # one box, its area is 1 - lam
+    assert torch.equal(mixed[:, 0][pasted], images[perm][:, 0][pasted])  # the box comes from the partner
+    assert torch.equal(mixed_has, has & has[perm])
+    assert ((mixed_maps != maps).float().mean(dim=(1, 2, 3))[moved] > 0).all()  # the AU maps get the same box

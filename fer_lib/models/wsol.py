@@ -11,6 +11,9 @@ activation maps, `class_maps(x) -> (B, C, h, w)`, which CAM-COS uses (fer_lib.an
              Peak Response", CVPR 2018)
     adl      ADL: attention-based dropout layer (Choe & Shim, "Attention-based Dropout Layer for Weakly
              Supervised Object Localization", CVPR 2019)
+    cutmix   CutMix: the plain CAM model trained on images with a pasted patch of another image, labels
+             mixed by area (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with
+             Localizable Features", ICCV 2019); the training step mixes the batch (`cutmix_batch`)
     tscam    TS-CAM on a ViT: token semantic coupled attention maps (Gao et al., "TS-CAM: Token Semantic
              Coupled Attention Map for Weakly Supervised Object Localization", ICCV 2021)
     apvit    APViT: a CNN's feature patches, attentive patch pooling, transformer blocks with attentive token
@@ -194,7 +197,33 @@ class WSOLNet(nn.Module):
         return self.head.aux_loss(labels) if hasattr(self.head, "aux_loss") else None
 
 
-HEADS = {"wildcat": WildcatHead, "acol": ACoLHead, "prm": PeakHead, "adl": CAMHead}
+HEADS = {"wildcat": WildcatHead, "acol": ACoLHead, "prm": PeakHead, "adl": CAMHead, "cutmix": CAMHead}
+#: methods whose training step mixes the batch: (Beta alpha, probability of mixing a batch)
+MIXING = {"cutmix": (1.0, 0.5)}
+
+
+def cutmix_batch(images: torch.Tensor, au_maps: torch.Tensor, has_landmarks: torch.Tensor, alpha: float = 1.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor, float]:
+    """CutMix a batch: a box of area share (1 - lam), lam ~ Beta(alpha, alpha), from a shuffled copy is
+    pasted into every image, and into its AU map at the map's scale (a pasted face part brings its AU
+    evidence). Returns (images, au_maps, has_landmarks, permutation, lam): the loss is
+    lam * CE(labels) + (1 - lam) * CE(labels[permutation]), lam corrected to the box's true area."""
+    b, _, h, w = images.shape
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(b, generator=generator, device="cpu").to(images.device)
+    cut = (1.0 - lam) ** 0.5
+    cy, cx = (torch.rand(2, generator=generator) * torch.tensor([h, w])).tolist()
+    y0, y1 = int(max(cy - cut * h / 2, 0)), int(min(cy + cut * h / 2, h))
+    x0, x1 = int(max(cx - cut * w / 2, 0)), int(min(cx + cut * w / 2, w))
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+    mh, mw = au_maps.shape[-2:]
+    maps = au_maps.clone()
+    ys, xs = slice(y0 * mh // h, -(-y1 * mh // h)), slice(x0 * mw // w, -(-x1 * mw // w))
+    maps[..., ys, xs] = au_maps[perm][..., ys, xs]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return mixed, maps, has_landmarks & has_landmarks[perm], perm, lam
 
 
 def _check(name: str) -> tuple[str, str]:
