@@ -17,7 +17,7 @@ from _toy_data import ToyFER, toy_splits  # noqa: E402
 import fer_lib.training.train as train_mod  # noqa: E402
 from fer_lib.models import load_checkpoint  # noqa: E402
 from fer_lib.training.train import NonFiniteLossError, RunLockedError, TrainConfig, evaluate, main, train  # noqa: E402
-from fer_lib.utils import ConfigError  # noqa: E402
+from fer_lib.utils import ConfigError, file_lock  # noqa: E402
 
 SIZE = 32
 
@@ -43,7 +43,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize("field,value,match", [
     ("optimizer", "adam", "sgd, adamw"), ("schedule", "linear", "step, cosine, none"),
     ("au_loss", "dice", "cosine, l1, l2, kl"), ("device", "tpu", "auto, cpu, cuda"),
-    ("nan_policy", "ignore", "stop, skip"), ("epochs", 0, "positive integer"),
+    ("nan_policy", "ignore", "stop, skip"), ("epochs", 0, "an integer >= 1"),
     ("au_weight", -1.0, ">= 0"), ("layers", (7,), "valid choices"), ("backbone", "resnet_18", "resnet18"),
     ("pretrained", True, "weights"),
 ])
@@ -137,9 +137,10 @@ def test_other_config_in_the_same_out_dir_is_refused(finished_run):
 
 def test_a_live_lock_refuses_a_second_run(tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(RunLockedError, match="in use by another run"):
-        train(tiny_config(tmp_path), toy_splits(SIZE))
+    holder = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
+    with file_lock(tmp_path / ".lock", blocking=False, holder=holder):  # a live run holds the folder
+        with pytest.raises(RunLockedError, match=f"in use by another run \\(pid {os.getpid()} on "):
+            train(tiny_config(tmp_path), toy_splits(SIZE))
     assert not (tmp_path / "checkpoints").exists()
 
 
