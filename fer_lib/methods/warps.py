@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fer_lib.faces.au import AU_REGIONS, all_au_heatmap
+from fer_lib.faces.landmarks import ANCHOR_INDEX
 from fer_lib.utils import ConfigError
 
 
@@ -125,14 +127,12 @@ def _coords(size: int, device) -> torch.Tensor:
     return torch.stack([xx, yy], dim=-1)
 
 
-def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
+def au_field_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
     """All-AU heatmaps (fer_lib.faces.au.all_au_heatmap, wide sigma) for many faces.
 
     anchors: (N, A, 2) normalised anchors, NaN rows for faces without landmarks.
     Returns (maps (N, size, size) float32 in [0, 1], valid (N,) bool); invalid faces get ones.
     """
-    from fer_lib.faces.au import all_au_heatmap
-
     anchors = np.asarray(anchors, dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[-1] != 2:
         raise ValueError(f"expected anchors of shape (N, A, 2), got {anchors.shape}")
@@ -149,20 +149,17 @@ def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> 
 
 def au_anchor_points(anchors: np.ndarray) -> np.ndarray:
     """The anchors that AU regions sit on (fer_lib.faces.au.AU_REGIONS), per face: (N, K, 2)."""
-    from fer_lib.faces.au import AU_REGIONS
-    from fer_lib.faces.landmarks import ANCHOR_INDEX
-
     idx = sorted({ANCHOR_INDEX[a] for names in AU_REGIONS.values() for a in names})
     return np.asarray(anchors, np.float32)[:, idx]
 
 
 # --------------------------------------------------------------------------- local warps
 def random_displacement(n: int, config: WarpConfig | None = None, generator: torch.Generator | None = None,
-                        au_weight: torch.Tensor | None = None, au_points: torch.Tensor | None = None,
+                        au_field: torch.Tensor | None = None, au_points: torch.Tensor | None = None,
                         device: torch.device | str = "cpu") -> torch.Tensor:
     """Sample n smooth, bounded displacement fields (n, 2, F, F) in units of the image side.
 
-    With `config.au_aware`, `au_weight` (n, F', F') weights the field (all-AU heatmap) and
+    With `config.au_aware`, `au_field` (n, F', F') weights the field (all-AU heatmap) and
     `au_points` (n, K, 2) (anchors of AU regions, NaN for faces without landmarks) give the
     bump centres; faces whose weight or points are missing get a uniform warp.
     """
@@ -188,10 +185,10 @@ def random_displacement(n: int, config: WarpConfig | None = None, generator: tor
             chosen = torch.gather(torch.nan_to_num(pts), 1, choice[..., None].expand(-1, -1, 2))
             chosen = (chosen + jitter.to(device)).clamp(0.0, 1.0)
             centres = torch.where(has[:, None, None], chosen, centres)
-        if au_weight is not None:
-            w = torch.as_tensor(au_weight, dtype=torch.float32, device=device)
+        if au_field is not None:
+            w = torch.as_tensor(au_field, dtype=torch.float32, device=device)
             if w.ndim != 3 or w.shape[0] != n:
-                raise ValueError(f"au_weight must be (n={n}, h, w), got {tuple(w.shape)}")
+                raise ValueError(f"au_field must be (n={n}, h, w), got {tuple(w.shape)}")
             if w.shape[-2:] != (size, size):
                 w = F.interpolate(w[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             weight = w.clamp(0.0, 1.0)
