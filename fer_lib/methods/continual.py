@@ -352,8 +352,7 @@ class ContinualConfig:
                 setattr(self, name, None)
             elif not Path(path).is_file():
                 raise ConfigError(f"{name} not found: {path}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
+        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
 
     def protocol(self) -> ContinualProtocol:
         return make_protocol(self.base_classes, self.new_classes, self.increment, self.task_sizes,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fer_lib.faces.au import AU_REGIONS, all_au_heatmap
 from fer_lib.faces.landmarks import ANCHOR_INDEX
-from fer_lib.utils import ConfigError
+from fer_lib.utils import ConfigError, check_number
 
 
 # --------------------------------------------------------------------------- configuration
@@ -57,21 +57,13 @@ class WarpConfig:
     field_size: int = 32  # resolution the field is built at (then bilinearly upsampled)
 
     def __post_init__(self) -> None:
-        checks = {
-            "magnitude": 0.0 <= self.magnitude <= 0.5,
-            "min_strength": 0.0 <= self.min_strength <= 1.0,
-            "n_bumps": isinstance(self.n_bumps, int) and self.n_bumps >= 1,
-            "sigma": 0.0 < self.sigma <= 1.0,
-            "au_sigma": 0.0 < self.au_sigma <= 1.0,
-            "au_jitter": 0.0 <= self.au_jitter <= 0.5,
-            "field_size": isinstance(self.field_size, int) and 4 <= self.field_size <= 512,
-        }
-        accepted = {"magnitude": "a number in [0, 0.5]", "min_strength": "a number in [0, 1]",
-                    "n_bumps": "an integer >= 1", "sigma": "a number in (0, 1]", "au_sigma": "a number in (0, 1]",
-                    "au_jitter": "a number in [0, 0.5]", "field_size": "an integer in 4..512"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"WarpConfig.{name}={getattr(self, name)!r} is invalid; accepted: {accepted[name]}")
+        check_number("WarpConfig.magnitude", self.magnitude, minimum=0.0, maximum=0.5)
+        check_number("WarpConfig.min_strength", self.min_strength, minimum=0.0, maximum=1.0)
+        check_number("WarpConfig.n_bumps", self.n_bumps, integer=True, minimum=1)
+        check_number("WarpConfig.sigma", self.sigma, above=0.0, maximum=1.0)
+        check_number("WarpConfig.au_sigma", self.au_sigma, above=0.0, maximum=1.0)
+        check_number("WarpConfig.au_jitter", self.au_jitter, minimum=0.0, maximum=0.5)
+        check_number("WarpConfig.field_size", self.field_size, integer=True, minimum=4, maximum=512)
         lo, hi = self.region
         if not 0.0 <= lo < hi <= 1.0:
             raise ConfigError(f"WarpConfig.region={self.region!r} must satisfy 0 <= lo < hi <= 1")
@@ -98,18 +90,17 @@ class GlobalAugConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)  # pixels
 
     def __post_init__(self) -> None:
-        for name in ("flip_p", "grayscale_p", "jitter_p", "blur_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"GlobalAugConfig.{name} is a probability in [0, 1], got {getattr(self, name)!r}")
+        for name in ("flip_p", "grayscale_p", "jitter_p", "blur_p"):  # probabilities
+            check_number(f"GlobalAugConfig.{name}", getattr(self, name), minimum=0.0, maximum=1.0)
         for name in ("brightness", "contrast", "saturation"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if check_number(f"GlobalAugConfig.{name}", getattr(self, name), minimum=0.0) >= 1.0:
                 raise ConfigError(f"GlobalAugConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not (0 < self.scale[0] <= self.scale[1]):
             raise ConfigError(f"GlobalAugConfig.scale must satisfy 0 < lo <= hi, got {self.scale!r}")
         if not (0 <= self.blur_sigma[0] <= self.blur_sigma[1]):
             raise ConfigError(f"GlobalAugConfig.blur_sigma must satisfy 0 <= lo <= hi, got {self.blur_sigma!r}")
-        if self.rotation < 0 or self.translate < 0:
-            raise ConfigError("GlobalAugConfig.rotation and translate must be >= 0")
+        check_number("GlobalAugConfig.rotation", self.rotation, minimum=0)
+        check_number("GlobalAugConfig.translate", self.translate, minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,7 +60,7 @@ from fer_lib.training.runs import (DistContext, RunLockedError, all_reduce_sum, 
 from fer_lib.training.step import (NAN_POLICIES, OPTIMIZERS, SCHEDULES, AUGuidedStep, NonFiniteLossError, OptimSpec,
                                    Schedule, StepSettings, autocast, build_optimizer, build_scheduler)
 from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
-                           run_cli, run_info, seed_everything)
+                           resolve_device, run_cli, run_info, seed_everything)
 
 DEVICES = ("auto", "cpu", "cuda")
 LANDMARK_MODES = ("detect", "ground_truth", "none")
@@ -148,8 +148,7 @@ class TrainConfig:
         self.pretrained = check_pretrained(self.pretrained, self.weights)
         if self.output_stride not in (None, 8, 16, 32):
             raise ConfigError(f"output_stride must be None, 8, 16 or 32, got {self.output_stride!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
+        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
         names = _dataset_names()
         if names is not None:
             check_choice("dataset", self.dataset, names)
