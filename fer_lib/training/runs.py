@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -42,22 +42,23 @@ def run_lock(out_dir: Path) -> Iterator[Path]:
     lock = out_dir / LOCK_NAME
     me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
     for _ in range(3):
-        try:
-            with file_lock(lock, blocking=False, holder=me):
-                try:  # the file we locked may have been removed by its previous holder: lock the new one
-                    ours = lock.read_text() == me
-                except OSError:
-                    ours = False
-                if not ours:
-                    continue
-                try:
-                    yield lock
-                finally:
-                    lock.unlink(missing_ok=True)
-                return
-        except LockHeld as exc:
-            raise RunLockedError(f"{out_dir} is in use by another run ({_holder_text(exc.holder)}); wait for it or "
-                                 f"choose another out_dir") from None
+        with ExitStack() as held:
+            try:
+                held.enter_context(file_lock(lock, blocking=False, holder=me))
+            except LockHeld as exc:
+                raise RunLockedError(f"{out_dir} is in use by another run ({_holder_text(exc.holder)}); wait for it "
+                                     f"or choose another out_dir") from None
+            try:  # the file we locked may have been removed by its previous holder: then lock the new one
+                ours = lock.read_text() == me
+            except OSError:
+                ours = False
+            if not ours:
+                continue
+            try:
+                yield lock
+            finally:
+                lock.unlink(missing_ok=True)
+            return
     raise RunLockedError(f"could not take the lock {lock}")
 
 
