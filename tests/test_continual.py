@@ -12,10 +12,11 @@ from fer_lib.faces.compound import (ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS,
 from fer_lib.methods.continual import (METHODS, ContinualConfig, ExemplarMemory, TensorSplit, clone_model,
                                distillation_loss, evaluate_step, expand_head, feature_distillation_loss, few_shot,
                                forgetting, make_protocol, mean_ci, predictive_scores, run_continual, sample_episode,
-                               split_method, summary_table)
+                               split_method, summary_table, TaskRun, train_task)
 from fer_lib.data import COMPOUND_EXPRESSIONS
 from fer_lib.data.synthetic import SYNTHETIC_EXPRESSIONS, SyntheticConfig, generate_sample, sample_aus
 from fer_lib.models import build_model
+from fer_lib.training.step import NonFiniteLossError
 from fer_lib.utils import ConfigError
 
 torch.set_num_threads(1)
@@ -211,6 +212,17 @@ def test_run_continual_tiny_end_to_end():
     chance = few_shot(blank, data, classes[3:], k_shots=(1,), n_episodes=4, n_query=2, classifiers=("prototype",),
                       progress=False, device="cpu")["results"]["1"]["prototype"]["new"]
     assert chance["mean"] == pytest.approx(1 / 3) and chance["std"] == 0
+
+
+def test_a_non_finite_loss_stops_a_task_with_the_shared_error():
+    classes = ("a", "b")
+    split = _toy_split(4, classes, 32, 5)
+    split.images[:] = float("nan")
+    model = build_model("resnet18", num_classes=2, image_size=32, class_names=list(classes))
+    cfg = ContinualConfig(base_classes=classes[:1], new_classes=classes[1:], methods=("finetune",), image_size=32,
+                          batch_size=4, device="cpu", augment=False)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at task 0, epoch 1, batch 1 \\(ce=nan"):
+        train_task(model, split, np.arange(len(split)), cfg, torch.device("cpu"), TaskRun(1, 0.01, desc="task 0"))
 
 
 def test_forgetting_and_step_metrics():

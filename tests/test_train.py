@@ -167,3 +167,41 @@ def test_non_finite_loss_stops_or_skips(tmp_path):
 def test_cli_rejects_bad_flags(capsys):
     assert main(["--optimizer", "adam", "--device", "cpu"]) == 2
     assert "sgd, adamw" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the shared step and schedule
+def test_shared_step_stops_or_skips_a_non_finite_loss_and_builds_one_schedule():
+    from fer_lib.training.step import OptimSpec, Schedule, StepSettings, TrainStep, build_optimizer
+
+    class Regression(TrainStep):
+        def compute_loss(self, batch):
+            x, y = batch
+            return ((self.model(x) - y) ** 2).mean(), "mse"
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt, sched = build_optimizer(model.parameters(), OptimSpec("sgd", lr=0.1), Schedule("cosine", total_steps=4))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    step = Regression(model, opt, sched)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert step((x, y), where="step 1") == "mse"
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a step was taken
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
+    bad = (torch.full_like(x, float("nan")), y)
+    skipper = Regression(model, opt, sched, settings=StepSettings(nan_policy="skip"))
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    assert skipper(bad, where="step 2") is None
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # BatchNorm stats restored
+    assert sched.last_epoch == 2  # the schedule still advanced
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3; lower lr") as info:
+        step(bad, where="step 3")
+    assert isinstance(info.value, FloatingPointError)  # what continual and ssl raised before
+    # warm-up then cosine; step decay; constant
+    warm = Schedule("cosine", total_steps=10, warmup_steps=2)
+    assert [warm.factor(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0] and warm.factor(10) == pytest.approx(0.0)
+    assert [Schedule("step", step_every=2, gamma=0.5).factor(s) for s in range(5)] == [1, 1, 0.5, 0.5, 0.25]
+    assert Schedule("none").factor(7) == 1.0
+    with pytest.raises(ConfigError, match="valid choices: sgd, adamw"):
+        build_optimizer(model.parameters(), OptimSpec("adam"), Schedule())
