@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from fer_lib.faces import au
 from fer_lib.faces.compound import (ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS, EXTRA_COMPOUNDS, compound_heatmap,
@@ -11,10 +12,11 @@ from fer_lib.faces.compound import (ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS,
 from fer_lib.methods.continual import (METHODS, ContinualConfig, ExemplarMemory, TensorSplit, clone_model,
                                distillation_loss, evaluate_step, expand_head, feature_distillation_loss, few_shot,
                                forgetting, make_protocol, mean_ci, predictive_scores, run_continual, sample_episode,
-                               split_method, summary_table)
+                               split_method, summary_table, TaskRun, train_task)
 from fer_lib.data import COMPOUND_EXPRESSIONS
 from fer_lib.data.synthetic import SYNTHETIC_EXPRESSIONS, SyntheticConfig, generate_sample, sample_aus
 from fer_lib.models import build_model
+from fer_lib.training.step import NonFiniteLossError
 from fer_lib.utils import ConfigError
 
 torch.set_num_threads(1)
@@ -59,7 +61,9 @@ def test_synthetic_compound_faces_show_their_aus_and_basic_ids_unchanged():
     s = generate_sample("sadly_angry", seed=0, split="train", index=0,
                         config=SyntheticConfig(image_size=32, expressions=("sadly_angry",)))
     assert s.label == SYNTHETIC_EXPRESSIONS.index("sadly_angry") and s.image.shape == (32, 32, 3)
-    assert SyntheticConfig().key() == SyntheticConfig(expressions=au.EXPRESSIONS).key()
+    # the default synthetic set is the basic one (its on-disk cache stays valid); compound classes get their own key
+    assert tuple(SyntheticConfig().expressions) == au.EXPRESSIONS
+    assert SyntheticConfig(expressions=au.EXPRESSIONS + ("sadly_angry",)).key() != SyntheticConfig().key()
     with pytest.raises(ConfigError, match="valid"):
         SyntheticConfig(expressions=("not_an_expression",))
 
@@ -193,10 +197,32 @@ def test_run_continual_tiny_end_to_end():
     # few-shot on the basic model's features: results for every k with CIs
     fs = few_shot(res.base_model(), data, classes[3:], k_shots=(1, 2), n_episodes=4, n_query=2, progress=False,
                   device="cpu")
+    t975 = stats.t.ppf(0.975, 3)  # 4 episodes
     for k in ("1", "2"):
         for clf in ("prototype", "linear"):
             v = fs["results"][k][clf]["new"]
-            assert 0.0 <= v["mean"] <= 1.0 and np.isfinite(v["ci95"])
+            assert 1 / 3 < v["mean"] <= 1.0, (k, clf, v)  # the separable toy classes beat chance (3-way)
+            assert round(v["mean"] * 4 * 6, 6).is_integer()  # each episode: a multiple of 1/(3 classes x 2 queries)
+            assert np.isfinite(v["ci95"]) and v["ci95"] == pytest.approx(t975 * v["std"] / 2)
+    # features that carry nothing (a zeroed model) give chance accuracy with no spread over episodes
+    blank = build_model("resnet18", num_classes=3, image_size=32, class_names=list(classes[:3]))
+    with torch.no_grad():
+        for p in blank.parameters():
+            p.zero_()
+    chance = few_shot(blank, data, classes[3:], k_shots=(1,), n_episodes=4, n_query=2, classifiers=("prototype",),
+                      progress=False, device="cpu")["results"]["1"]["prototype"]["new"]
+    assert chance["mean"] == pytest.approx(1 / 3) and chance["std"] == 0
+
+
+def test_a_non_finite_loss_stops_a_task_with_the_shared_error():
+    classes = ("a", "b")
+    split = _toy_split(4, classes, 32, 5)
+    split.images[:] = float("nan")
+    model = build_model("resnet18", num_classes=2, image_size=32, class_names=list(classes))
+    cfg = ContinualConfig(base_classes=classes[:1], new_classes=classes[1:], methods=("finetune",), image_size=32,
+                          batch_size=4, device="cpu", augment=False)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at task 0, epoch 1, batch 1 \\(ce=nan"):
+        train_task(model, split, np.arange(len(split)), cfg, torch.device("cpu"), TaskRun(1, 0.01, desc="task 0"))
 
 
 def test_forgetting_and_step_metrics():

@@ -10,7 +10,7 @@ import torch
 from fer_lib.methods.ssl import (ContraWarping, SSLConfig, UnlabelledImages, backbone_with_fresh_head, ema_momentum,
                          knn_predict, load_backbone, make_views, pretrain, retrieval_metrics)
 from fer_lib.utils import ConfigError
-from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps,
+from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_field_maps,
                            displacement_at, field_gradient, identity_params, random_displacement,
                            sample_global_params, warp_images)
 
@@ -77,7 +77,7 @@ def test_au_aware_warps_concentrate_on_au_regions(faces):
         energy[name] = float(((m2 * weight).flatten(1).sum(1) / m2.flatten(1).sum(1)).mean())
     assert energy["aware"] > energy["uniform"] + 0.05, energy
     # faces without landmarks fall back to uniform warps (ones weight, finite field)
-    maps, valid = au_weight_maps(np.full((2, faces.anchors.shape[1], 2), np.nan, np.float32), 16)
+    maps, valid = au_field_maps(np.full((2, faces.anchors.shape[1], 2), np.nan, np.float32), 16)
     assert not valid.any() and (maps == 1).all()
     pts = torch.from_numpy(au_anchor_points(np.full((2, faces.anchors.shape[1], 2), np.nan, np.float32)))
     d = random_displacement(2, aware, torch.Generator().manual_seed(0), torch.from_numpy(maps), pts)

@@ -17,7 +17,7 @@ from _toy_data import ToyFER, toy_splits  # noqa: E402
 import fer_lib.training.train as train_mod  # noqa: E402
 from fer_lib.models import load_checkpoint  # noqa: E402
 from fer_lib.training.train import NonFiniteLossError, RunLockedError, TrainConfig, evaluate, main, train  # noqa: E402
-from fer_lib.utils import ConfigError  # noqa: E402
+from fer_lib.utils import ConfigError, file_lock  # noqa: E402
 
 SIZE = 32
 
@@ -43,7 +43,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize("field,value,match", [
     ("optimizer", "adam", "sgd, adamw"), ("schedule", "linear", "step, cosine, none"),
     ("au_loss", "dice", "cosine, l1, l2, kl"), ("device", "tpu", "auto, cpu, cuda"),
-    ("nan_policy", "ignore", "stop, skip"), ("epochs", 0, "positive integer"),
+    ("nan_policy", "ignore", "stop, skip"), ("epochs", 0, "an integer >= 1"),
     ("au_weight", -1.0, ">= 0"), ("layers", (7,), "valid choices"), ("backbone", "resnet_18", "resnet18"),
     ("pretrained", True, "weights"),
 ])
@@ -137,9 +137,10 @@ def test_other_config_in_the_same_out_dir_is_refused(finished_run):
 
 def test_a_live_lock_refuses_a_second_run(tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(RunLockedError, match="in use by another run"):
-        train(tiny_config(tmp_path), toy_splits(SIZE))
+    holder = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
+    with file_lock(tmp_path / ".lock", blocking=False, holder=holder):  # a live run holds the folder
+        with pytest.raises(RunLockedError, match=f"in use by another run \\(pid {os.getpid()} on "):
+            train(tiny_config(tmp_path), toy_splits(SIZE))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -166,3 +167,41 @@ def test_non_finite_loss_stops_or_skips(tmp_path):
 def test_cli_rejects_bad_flags(capsys):
     assert main(["--optimizer", "adam", "--device", "cpu"]) == 2
     assert "sgd, adamw" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the shared step and schedule
+def test_shared_step_stops_or_skips_a_non_finite_loss_and_builds_one_schedule():
+    from fer_lib.training.step import OptimSpec, Schedule, StepSettings, TrainStep, build_optimizer
+
+    class Regression(TrainStep):
+        def compute_loss(self, batch):
+            x, y = batch
+            return ((self.model(x) - y) ** 2).mean(), "mse"
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt, sched = build_optimizer(model.parameters(), OptimSpec("sgd", lr=0.1), Schedule("cosine", total_steps=4))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    step = Regression(model, opt, sched)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert step((x, y), where="step 1") == "mse"
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a step was taken
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 4)))
+    bad = (torch.full_like(x, float("nan")), y)
+    skipper = Regression(model, opt, sched, settings=StepSettings(nan_policy="skip"))
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    assert skipper(bad, where="step 2") is None
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # BatchNorm stats restored
+    assert sched.last_epoch == 2  # the schedule still advanced
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3; lower lr") as info:
+        step(bad, where="step 3")
+    assert isinstance(info.value, FloatingPointError)  # what continual and ssl raised before
+    # warm-up then cosine; step decay; constant
+    warm = Schedule("cosine", total_steps=10, warmup_steps=2)
+    assert [warm.factor(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0] and warm.factor(10) == pytest.approx(0.0)
+    assert [Schedule("step", step_every=2, gamma=0.5).factor(s) for s in range(5)] == [1, 1, 0.5, 0.5, 0.25]
+    assert Schedule("none").factor(7) == 1.0
+    with pytest.raises(ConfigError, match="valid choices: sgd, adamw"):
+        build_optimizer(model.parameters(), OptimSpec("adam"), Schedule())

@@ -68,7 +68,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -79,12 +78,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fer_lib.analysis.interpret import compute_cams
+from fer_lib.data import build_datasets
 from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_PARTS, RAFDB_COMPOUNDS, is_compound
-from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.metrics import classification_metrics, map_cosine
-from fer_lib.models import TappedModel, build_model, resolve_layers
-from fer_lib.utils import ConfigError, check_choice, config_hash, seed_everything, resolve_device
+from fer_lib.models import TappedModel, build_model, load_checkpoint, resolve_layers
+from fer_lib.plots import save_figure
+from fer_lib.training.losses import AUGuidedLoss
+from fer_lib.training.step import (OPTIMIZERS, AUGuidedStep, OptimSpec, Schedule, StepSettings, autocast,
+                                   build_optimizer)
+from fer_lib.training.train import evaluate
+from fer_lib.utils import ConfigError, check_choice, check_number, config_hash, resolve_device, seed_everything
 
 #: method name -> (memory selection, distillation)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -99,7 +104,6 @@ AU_SUFFIX = "+au"
 MEMORY_SELECTIONS = ("random", "psmr")
 PSMR_SCORES = ("logit", "prob")
 TEACHERS = ("previous", "basic")
-OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 FEW_SHOT_CLASSIFIERS = ("prototype", "linear")
 #: the default incremental classes: six RAF-DB compound classes, two tasks of three
@@ -176,8 +180,7 @@ def make_protocol(base_classes: Sequence[str] = EXPRESSIONS, new_classes: Sequen
         if any(s < 1 for s in sizes) or sum(sizes) != len(new):
             raise ConfigError(f"task_sizes {list(task_sizes)} must be positive and sum to the {len(new)} new classes")
     else:
-        if not isinstance(increment, (int, np.integer)) or increment < 1:
-            raise ConfigError(f"increment must be a positive integer, got {increment!r}")
+        check_number("increment", increment, integer=True, minimum=1)
         sizes = [min(int(increment), len(new) - i) for i in range(0, len(new), int(increment))]
     tasks, start = [base], 0
     for s in sizes:
@@ -328,20 +331,15 @@ class ContinualConfig:
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("device", self.device, DEVICES)
-        for name in ("epochs_base", "epochs", "batch_size", "image_size", "memory_size"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if name == "memory_size" else 1):
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("kd_weight", "feature_kd_weight", "au_weight", "lr", "lr_base", "momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.lr <= 0 or self.lr_base <= 0:
-            raise ConfigError("lr and lr_base must be > 0")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.new_class_samples is not None and int(self.new_class_samples) < 1:
-            raise ConfigError(f"new_class_samples must be >= 1 or None, got {self.new_class_samples}")
+        for name in ("epochs_base", "epochs", "batch_size", "image_size"):
+            check_number(name, getattr(self, name), integer=True, minimum=1)
+        check_number("memory_size", self.memory_size, integer=True, minimum=0)
+        for name in ("kd_weight", "feature_kd_weight", "au_weight", "momentum", "weight_decay"):
+            check_number(name, getattr(self, name), minimum=0)
+        for name in ("lr", "lr_base", "temperature"):
+            check_number(name, getattr(self, name), above=0)
+        if self.new_class_samples is not None:
+            check_number("new_class_samples (or None)", self.new_class_samples, integer=True, minimum=1)
         uses_memory = any(METHODS[split_method(m)[0]][0] in MEMORY_SELECTIONS for m in self.methods)
         n_classes = len(self.protocol().class_order)
         if uses_memory and self.memory_size < n_classes:
@@ -354,8 +352,7 @@ class ContinualConfig:
                 setattr(self, name, None)
             elif not Path(path).is_file():
                 raise ConfigError(f"{name} not found: {path}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
+        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
 
     def protocol(self) -> ContinualProtocol:
         return make_protocol(self.base_classes, self.new_classes, self.increment, self.task_sizes,
@@ -382,8 +379,6 @@ def load_continual_data(config: ContinualConfig, progress: bool = True, cache_di
     (e.g. RAF-DB basic + RAF-DB compound) build each with fer_lib.data.build_datasets, turn
     them into TensorSplits with `tensor_split` and join them with `merge_splits`.
     """
-    from fer_lib.data import build_datasets
-
     if config.dataset != "synthetic":
         raise ConfigError(f"load_continual_data builds the synthetic set only (got dataset={config.dataset!r}); for "
                           f"real data use build_datasets(...) per source, tensor_split() and merge_splits()")
@@ -478,8 +473,7 @@ class ExemplarMemory:
     """
 
     def __init__(self, budget: int, selection: str = "psmr", seed: int = 0) -> None:
-        if not isinstance(budget, (int, np.integer)) or budget < 0:
-            raise ConfigError(f"memory budget must be an integer >= 0, got {budget!r}")
+        check_number("memory budget", budget, integer=True, minimum=0)
         self.budget = int(budget)
         self.selection = check_choice("memory selection", selection, MEMORY_SELECTIONS)
         self.rng = np.random.default_rng(seed)
@@ -563,44 +557,85 @@ def augment_batch(images: torch.Tensor, maps: torch.Tensor, generator: torch.Gen
     return images, maps
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type="cuda", dtype=torch.float16) if enabled and device.type == "cuda" else nullcontext()
+@dataclass
+class TaskRun:
+    """One task's training run: epochs and lr, the distillation teacher (None: none), the AU term, the
+    seed of its batches and augmentation, and its progress label."""
+
+    epochs: int
+    lr: float
+    teacher: TappedModel | None = None
+    au: bool = False
+    seed: int = 0
+    desc: str = "task"
+    progress: bool = True
 
 
-def train_task(model: TappedModel, split: TensorSplit, indices: np.ndarray, epochs: int, lr: float,
-               config: ContinualConfig, device: torch.device, teacher: TappedModel | None = None,
-               au: bool = False, seed: int = 0, desc: str = "task", progress: bool = True) -> dict[str, float]:
-    """Train `model` on split[indices] for `epochs`: CE (+AU alignment) (+distillation from `teacher`).
+class DistillationStep(AUGuidedStep):
+    """The continual step: CE (+ lambda * AU alignment) + kd_weight * logit distillation from the teacher
+    + feature_kd_weight * feature distillation (fer_lib.training.step does the rest).
 
-    Optimisation mirrors fer_lib.training.train: SGD (Nesterov momentum) or AdamW, cosine schedule
-    per step, AMP + GradScaler on CUDA. Batches and augmentation come from a generator
-    seeded by `seed`, so a run is repeatable on CPU.
+    Outputs: (logits, LossParts, kd, feature kd, total loss), all but logits detached or floats.
     """
-    criterion = AUGuidedLoss(au_weight=config.au_weight if au else 0.0, kind=config.au_loss)
+
+    def __init__(self, model: TappedModel, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                 criterion: AUGuidedLoss, teacher: TappedModel | None, config: ContinualConfig,
+                 scaler: torch.amp.GradScaler, settings: StepSettings) -> None:
+        super().__init__(model, optimizer, scheduler, criterion=criterion, scaler=scaler, settings=settings)
+        self.teacher, self.config = teacher, config
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        x, y, maps, has = batch
+        teacher, cfg = self.teacher, self.config
+        with autocast(self.device(), self.settings.amp):
+            logits, feats = self.model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, t_feats = teacher(x)
+        loss, parts = self.criterion(logits, feats, y, maps, has)
+        kd = fkd = logits.new_zeros(())
+        if teacher is not None and cfg.kd_weight > 0:
+            kd = distillation_loss(logits, t_logits, cfg.temperature)
+            loss = loss + cfg.kd_weight * kd
+        if teacher is not None and cfg.feature_kd_weight > 0:
+            fkd = feature_distillation_loss(feats, t_feats)
+            loss = loss + cfg.feature_kd_weight * fkd
+        return loss, (logits, parts, kd, fkd, loss)
+
+    def describe(self, outputs: Any) -> str:
+        _, parts, kd, _, _ = outputs
+        return f"ce={parts.ce}, au={parts.au}, kd={float(kd)}"
+
+
+def train_task(model: TappedModel, split: TensorSplit, indices: np.ndarray, config: ContinualConfig,
+               device: torch.device, task: TaskRun) -> dict[str, float]:
+    """Train `model` on split[indices] for `task.epochs`: CE (+AU alignment) (+distillation from `task.teacher`).
+
+    Optimisation is fer_lib.training.train's (fer_lib.training.step): SGD (Nesterov momentum) or
+    AdamW, cosine schedule per step, AMP + GradScaler on CUDA. Batches and augmentation come from a
+    generator seeded by `task.seed`, so a run is repeatable on CPU.
+    """
+    criterion = AUGuidedLoss(au_weight=config.au_weight if task.au else 0.0, kind=config.au_loss)
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                              nesterov=config.momentum > 0)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     n = len(indices)
     if n == 0:
-        raise ConfigError(f"{desc}: no training samples")
-    steps_per_epoch = max(1, math.ceil(n / config.batch_size))
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / total))))
+        raise ConfigError(f"{task.desc}: no training samples")
+    total = task.epochs * max(1, math.ceil(n / config.batch_size))
+    optimizer, scheduler = build_optimizer(params, OptimSpec(config.optimizer, task.lr, config.momentum,
+                                                             config.weight_decay), Schedule("cosine", total))
     use_amp = bool(config.amp and device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    gen = torch.Generator().manual_seed(int(seed))
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
+    step = DistillationStep(model, optimizer, scheduler, criterion=criterion, teacher=task.teacher, config=config,
+                            scaler=torch.amp.GradScaler("cuda", enabled=use_amp), settings=StepSettings(amp=use_amp))
+    gen = torch.Generator().manual_seed(int(task.seed))
+    if task.teacher is not None:
+        task.teacher.eval()
+        for p in task.teacher.parameters():
             p.requires_grad_(False)
     model.train()
     sums = {"loss": 0.0, "ce": 0.0, "au": 0.0, "kd": 0.0, "fkd": 0.0, "correct": 0.0, "n": 0.0}
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
+    bar = tqdm(total=total, desc=task.desc, leave=False, disable=not task.progress)
     idx_all = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-    for _ in range(epochs):
+    for epoch in range(task.epochs):
         perm = idx_all[torch.randperm(n, generator=gen)]
         for s in range(0, n, config.batch_size):
             b = perm[s:s + config.batch_size]
@@ -608,43 +643,28 @@ def train_task(model: TappedModel, split: TensorSplit, indices: np.ndarray, epoc
             if config.augment:
                 x, maps = augment_batch(x, maps, gen)
             x, y, maps, has = x.to(device), y.to(device), maps.to(device), has.to(device)
-            with _autocast(device, use_amp):
-                logits, feats = model(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits, t_feats = teacher(x)
-            loss, parts = criterion(logits, feats, y, maps, has)
-            kd = fkd = logits.new_zeros(())
-            if teacher is not None and config.kd_weight > 0:
-                kd = distillation_loss(logits, t_logits, config.temperature)
-                loss = loss + config.kd_weight * kd
-            if teacher is not None and config.feature_kd_weight > 0:
-                fkd = feature_distillation_loss(feats, t_feats)
-                loss = loss + config.feature_kd_weight * fkd
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss (ce={parts.ce}, au={parts.au}, kd={float(kd)}); "
-                                         f"lower lr or disable amp")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            k = float(len(b))
-            sums["loss"] += float(loss.detach()) * k
-            sums["ce"] += parts.ce * k
-            sums["au"] += parts.au * k
-            sums["kd"] += float(kd.detach()) * k
-            sums["fkd"] += float(fkd.detach()) * k
-            sums["correct"] += float((logits.argmax(1) == y).sum())
-            sums["n"] += k
+            out = step((x, y, maps, has), where=f"{task.desc}, epoch {epoch + 1}, batch {s // config.batch_size + 1}")
+            _add_batch(sums, out, y)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(out[4].detach()):.3f}")
     bar.close()
     total_n = max(sums.pop("n"), 1.0)
     out = {k: v / total_n for k, v in sums.items()}
     out["accuracy"] = out.pop("correct")
     out["n_samples"] = int(n)
     return out
+
+
+def _add_batch(sums: dict[str, float], outputs: tuple, y: torch.Tensor) -> None:
+    logits, parts, kd, fkd, loss = outputs
+    k = float(len(y))
+    sums["loss"] += float(loss.detach()) * k
+    sums["ce"] += parts.ce * k
+    sums["au"] += parts.au * k
+    sums["kd"] += float(kd.detach()) * k
+    sums["fkd"] += float(fkd.detach()) * k
+    sums["correct"] += float((logits.argmax(1) == y).sum())
+    sums["n"] += k
 
 
 @torch.no_grad()
@@ -667,8 +687,6 @@ def evaluate_step(model: TappedModel, test: TensorSplit, protocol: ContinualProt
 
     Predictions and ATT-COS come from fer_lib.training.train.evaluate on the test samples of the seen classes.
     """
-    from fer_lib.training.train import evaluate
-
     order = protocol.class_order
     seen = protocol.seen(t)
     idx = test.indices_of(range(len(seen)))
@@ -773,8 +791,6 @@ def train_base_model(config: ContinualConfig, train: TensorSplit, test: TensorSp
     base = protocol.base_classes
     path = config.base_checkpoint_au if au else config.base_checkpoint
     if path:
-        from fer_lib.models import load_checkpoint
-
         model, ckpt = load_checkpoint(path)
         names = list(model.config["class_names"])
         if names != list(base) or model.config["image_size"] != config.image_size:
@@ -785,8 +801,9 @@ def train_base_model(config: ContinualConfig, train: TensorSplit, test: TensorSp
     model = build_model(config.backbone, num_classes=len(base), layers=config.layers, image_size=config.image_size,
                         class_names=list(base)).to(device)
     idx = train.indices_of(range(len(base)))
-    log = train_task(model, train, idx, config.epochs_base, config.lr_base, config, device, au=au,
-                     seed=_task_seed(config.seed, 0), desc=f"task 0 (basic{', AU' if au else ''})", progress=progress)
+    log = train_task(model, train, idx, config, device,
+                     TaskRun(config.epochs_base, config.lr_base, au=au, seed=_task_seed(config.seed, 0),
+                             desc=f"task 0 (basic{', AU' if au else ''})", progress=progress))
     return model, log, evaluate_step(model, test, protocol, 0, device, config.amp)
 
 
@@ -839,8 +856,9 @@ def run_method(method: str, config: ContinualConfig, train: TensorSplit, test: T
             idx = _new_class_indices(train, new_ids, config.new_class_samples, _task_seed(config.seed, 100 + t))
             if memory is not None:
                 idx = np.concatenate([idx, memory.indices()])
-        log = train_task(model, train, idx, config.epochs, config.lr, config, device, teacher=teacher, au=au,
-                         seed=_task_seed(config.seed, t), desc=f"{method}: task {t}", progress=progress)
+        log = train_task(model, train, idx, config, device,
+                         TaskRun(config.epochs, config.lr, teacher=teacher, au=au, seed=_task_seed(config.seed, t),
+                                 desc=f"{method}: task {t}", progress=progress))
         logs.append(dict(log, task=t))
         steps.append(evaluate_step(model, test, protocol, t, device, config.amp))
         remember(t)
@@ -989,18 +1007,34 @@ def split_features(model: TappedModel, split: TensorSplit, device: torch.device 
     return np.concatenate(out)
 
 
+@dataclass
+class FewShotSettings:
+    """The episodes of `few_shot`: k per class, how many episodes and queries, the classifiers, whether
+    the basic classes join the episodes (generalised few-shot), and the seed."""
+
+    k_shots: Sequence[int] = (1, 5)
+    n_episodes: int = 100
+    n_query: int = 15
+    classifiers: Sequence[str] = FEW_SHOT_CLASSIFIERS
+    include_base: bool = False
+    base_classes: Sequence[str] = ()
+    seed: int = 0
+
+
 def few_shot(model: TappedModel, data: Mapping[str, TensorSplit], new_classes: Sequence[str],
-             k_shots: Sequence[int] = (1, 5), n_episodes: int = 100, n_query: int = 15,
-             classifiers: Sequence[str] = FEW_SHOT_CLASSIFIERS, include_base: bool = False,
-             base_classes: Sequence[str] = (), seed: int = 0, device: str = "auto",
-             progress: bool = True) -> dict[str, Any]:
+             settings: FewShotSettings | None = None, device: str = "auto", progress: bool = True,
+             **fields: Any) -> dict[str, Any]:
     """k-shot episodes of the new classes on the frozen features of `model` (mean +- 95% CI over episodes).
 
+    `settings` (or its fields as keywords: k_shots=(1, 5), n_episodes=100, ...) choose the episodes.
     Support comes from data["train"], queries from data["test"]. With `include_base`, each
     episode also classifies test samples of `base_classes`, whose prototypes (or head
     training data) are all their training samples: generalised few-shot; accuracies are
     then reported on new-class queries, base-class queries and both.
     """
+    fs = dataclasses.replace(settings or FewShotSettings(), **fields)
+    k_shots, n_episodes, n_query, classifiers = fs.k_shots, fs.n_episodes, fs.n_query, fs.classifiers
+    include_base, base_classes, seed = fs.include_base, fs.base_classes, fs.seed
     for c in classifiers:
         check_choice("few-shot classifier", c, FEW_SHOT_CLASSIFIERS)
     classes = tuple(new_classes) + (tuple(base_classes) if include_base else ())
@@ -1068,8 +1102,6 @@ def compound_cam_views(model: TappedModel, test: TensorSplit, compounds: Sequenc
     "au" (the compound's AU map), "cam:<class>" for the compound and each part present in
     the model's classes. Uses fer_lib.analysis.interpret.compute_cams (pytorch-grad-cam).
     """
-    from fer_lib.analysis.interpret import compute_cams
-
     names = list(model.config["class_names"])
     data = test.relabel(names)
     device = next(model.parameters()).device
@@ -1107,8 +1139,6 @@ def cam_part_similarity(model: TappedModel, test: TensorSplit, compounds: Sequen
     """
     import pandas as pd
 
-    from fer_lib.analysis.interpret import compute_cams
-
     names = list(model.config["class_names"])
     data = test.relabel(names)
     device = next(model.parameters()).device
@@ -1140,8 +1170,6 @@ def plot_compound_cams(views: Sequence[Mapping[str, Any]], mean: Sequence[float]
                        path: str | Path | None = None, title: str = ""):
     """Figure: per view, the face, its compound AU map, and CAMs for the compound and its parts."""
     import matplotlib.pyplot as plt
-
-    from fer_lib.plots import save_figure
 
     if not views:
         raise ValueError("no views to plot (no compound class of the model had test images)")
@@ -1177,8 +1205,8 @@ __all__ = [
     "METHODS", "DEFAULT_NEW_CLASSES", "ContinualProtocol", "make_protocol", "TensorSplit", "tensor_split",
     "merge_splits", "ContinualConfig", "split_method", "load_continual_data", "clone_model", "expand_head", "embed",
     "distillation_loss", "feature_distillation_loss", "ExemplarMemory", "predictive_scores", "augment_batch",
-    "train_task", "predict", "evaluate_step", "forgetting", "ContinualResults", "train_base_model", "run_method",
+    "TaskRun", "DistillationStep", "train_task", "predict", "evaluate_step", "forgetting", "ContinualResults", "train_base_model", "run_method",
     "run_continual", "summary_table", "steps_table", "mean_ci", "sample_episode", "prototype_predict",
-    "linear_predict", "split_features", "few_shot", "few_shot_table", "compound_cam_views", "cam_part_similarity",
+    "linear_predict", "split_features", "FewShotSettings", "few_shot", "few_shot_table", "compound_cam_views", "cam_part_similarity",
     "plot_compound_cams", "ALL_COMPOUNDS", "RAFDB_COMPOUNDS",
 ]

@@ -61,11 +61,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, config_hash, resolve_device,
-                    run_info, seed_everything)
-from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_weight_maps, random_displacement,
-                    sample_global_params)
+from fer_lib.data import build_datasets
+from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
+from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_field_maps,
+                                   random_displacement, sample_global_params)
+from fer_lib.metrics import classification_metrics
+from fer_lib.models import available_layers, build_model, load_checkpoint
+from fer_lib.plots import save_figure
+from fer_lib.training.step import OptimSpec, Schedule, TrainStep, build_optimizer
+from fer_lib.training.train import TrainConfig, train
+from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
+                           config_hash, resolve_device, run_info, seed_everything)
 
 OBJECTIVES: tuple[str, ...] = ("infonce", "margin", "byol")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -112,23 +120,18 @@ class SSLConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("landmarks", self.landmarks, LANDMARK_MODES)
         for name in ("epochs", "image_size", "batch_size", "proj_dim", "hidden_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            check_number(name, getattr(self, name), integer=True, minimum=1)
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2 (BatchNorm in the projector needs 2 samples)")
         if self.image_size < 16:
             raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
         for name in ("max_images", "max_steps_per_epoch"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
-        for name in ("lr", "weight_decay", "neg_weight", "temperature", "margin", "warmup_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.lr == 0 or self.temperature == 0:
-            raise ConfigError("lr and temperature must be > 0")
+            if getattr(self, name) is not None:
+                check_number(f"{name} (or None)", getattr(self, name), integer=True, minimum=1)
+        for name in ("weight_decay", "neg_weight", "margin", "warmup_epochs"):
+            check_number(name, getattr(self, name), minimum=0)
+        for name in ("lr", "temperature"):
+            check_number(name, getattr(self, name), above=0)
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema!r}")
         if isinstance(self.warp, Mapping):
@@ -138,13 +141,15 @@ class SSLConfig:
         if not isinstance(self.dataset_kwargs, dict):
             raise ConfigError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
         self.warp = dataclasses.replace(self.warp, au_aware=bool(self.au_aware))
-        from fer_lib.models import available_layers
-
         available_layers(self.backbone)  # unknown backbone -> ConfigError listing valid names
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def contrast(self) -> "ContrastSettings":
+        """The loss settings of `ContraWarping.loss`."""
+        return ContrastSettings(self.objective, self.neg_weight, self.temperature, self.margin, self.symmetric)
 
     def identity(self) -> dict[str, Any]:
         """Fields that define the run's results (out_dir excluded)."""
@@ -180,8 +185,6 @@ class UnlabelledImages(Dataset):
     def __init__(self, images: torch.Tensor, anchors: np.ndarray, labels: np.ndarray | None = None,
                  mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                  skipped: Sequence[tuple[str, str]] = ()) -> None:
-        from fer_lib.faces.landmarks import ANCHORS
-
         if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 tensor (N, 3, S, S), got {images.dtype} {tuple(images.shape)}")
         anchors = np.asarray(anchors, np.float32)
@@ -210,10 +213,6 @@ class UnlabelledImages(Dataset):
     def from_dataset(cls, dataset: Any, max_images: int | None = None, seed: int = 0,
                      progress: bool = True) -> "UnlabelledImages":
         """Collect the (un-augmented) images and anchors of any dataset; labels are not used for training."""
-        from tqdm.auto import tqdm
-
-        from fer_lib.faces.landmarks import ANCHORS
-
         n = len(dataset)
         if n == 0:
             raise ConfigError("the pretraining dataset is empty")
@@ -262,9 +261,6 @@ class UnlabelledImages(Dataset):
                    std: Sequence[float] = DEFAULT_STD) -> "UnlabelledImages":
         """Read image files (resized to image_size, anchors stay normalised); unreadable files are skipped."""
         from PIL import Image
-        from tqdm.auto import tqdm
-
-        from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
 
         images, kept, skipped = [], [], []
         for j, p in enumerate(tqdm(paths, desc="reading images", disable=not progress)):
@@ -285,7 +281,7 @@ class UnlabelledImages(Dataset):
         """(all-AU weight maps (N, size, size), AU anchor points (N, K, 2)), cached per (size, sigma)."""
         key = (int(size), float(sigma))
         if key not in self._au_cache:
-            maps, _ = au_weight_maps(self.anchors, size, sigma)
+            maps, _ = au_field_maps(self.anchors, size, sigma)
             self._au_cache[key] = (torch.from_numpy(maps), torch.from_numpy(au_anchor_points(self.anchors)))
         return self._au_cache[key]
 
@@ -298,7 +294,7 @@ class UnlabelledImages(Dataset):
 
 # --------------------------------------------------------------------------- views
 def make_views(images01: torch.Tensor, warp: WarpConfig, augment: GlobalAugConfig, generator: torch.Generator,
-               au_weight: torch.Tensor | None = None, au_points: torch.Tensor | None = None
+               au_field: torch.Tensor | None = None, au_points: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
     """Positives v1, v2 (global transforms of the same faces) and negatives n1, n2 (local warp + the same transforms).
 
@@ -307,7 +303,7 @@ def make_views(images01: torch.Tensor, warp: WarpConfig, augment: GlobalAugConfi
     n = len(images01)
     p1 = sample_global_params(n, augment, generator)
     p2 = sample_global_params(n, augment, generator)
-    kw = dict(config=warp, generator=generator, au_weight=au_weight, au_points=au_points, device=images01.device)
+    kw = dict(config=warp, generator=generator, au_field=au_field, au_points=au_points, device=images01.device)
     d1 = random_displacement(n, **kw)
     d2 = random_displacement(n, **kw)
     return {"v1": apply_view(images01, p1), "v2": apply_view(images01, p2),
@@ -340,11 +336,21 @@ def feature_dim(net: nn.Module, image_size: int) -> int:
 
 def create_backbone(backbone: str, image_size: int) -> nn.Module:
     """The timm model of fer_lib.models.build_model with its classifier removed (pooled features out)."""
-    from fer_lib.models import build_model
-
     net = build_model(backbone, image_size=image_size).net
     net.reset_classifier(0)
     return net
+
+
+@dataclass(frozen=True)
+class ContrastSettings:
+    """The ContraWarping objective (see the module docstring): infonce | margin | byol, the weight of the
+    warped-negative term, its temperature (infonce) or margin (margin), and both directions or one."""
+
+    objective: str = "infonce"
+    neg_weight: float = 1.0
+    temperature: float = 0.2
+    margin: float = 0.5
+    symmetric: bool = True
 
 
 class ContraWarping(nn.Module):
@@ -389,9 +395,13 @@ class ContraWarping(nn.Module):
                 bt.copy_(bo)
 
     def loss(self, v1: torch.Tensor, v2: torch.Tensor, n1: torch.Tensor | None = None, n2: torch.Tensor | None = None,
-             objective: str = "infonce", neg_weight: float = 1.0, temperature: float = 0.2, margin: float = 0.5,
-             symmetric: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        """The ContraWarping loss (see the module docstring) and its statistics (s_pos, s_neg, neg_acc)."""
+             settings: ContrastSettings | None = None, **fields: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The ContraWarping loss (see the module docstring) and its statistics (s_pos, s_neg, neg_acc).
+
+        `settings` (or its fields as keywords: objective="byol", temperature=0.2, ...) choose the objective."""
+        c = dataclasses.replace(settings or ContrastSettings(), **fields)
+        objective, neg_weight, temperature, margin, symmetric = (c.objective, c.neg_weight, c.temperature, c.margin,
+                                                                 c.symmetric)
         check_choice("objective", objective, OBJECTIVES)
         use_neg = objective != "byol" and n1 is not None
         b = len(v1)
@@ -461,8 +471,6 @@ def backbone_with_fresh_head(path: str | Path, backbone: str, out_path: str | Pa
     For loaders that require every key, e.g. `fer_lib.models.build_model(..., weights=...)`
     while its loader rejects a state dict without classifier keys.
     """
-    from fer_lib.models import build_model
-
     torch.manual_seed(seed)
     net = build_model(backbone, num_classes=num_classes, image_size=image_size).net
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -484,13 +492,44 @@ def _build_pretrain_images(config: SSLConfig, datasets: Mapping[str, Any] | Any 
     if isinstance(datasets, UnlabelledImages):
         return datasets
     if datasets is None:
-        from fer_lib.data import build_datasets
-
         datasets = build_datasets(config.dataset, root=config.data_root, image_size=config.image_size,
                                   seed=config.seed, landmarks=config.landmarks, augment=False,
                                   **config.dataset_kwargs)
     source = datasets["train"] if isinstance(datasets, Mapping) else datasets
     return UnlabelledImages.from_dataset(source, max_images=config.max_images, seed=config.seed)
+
+
+class ContraWarpingStep(TrainStep):
+    """The pretraining step: the ContraWarping loss of (v1, v2, n1, n2) (fer_lib.training.step does the rest;
+    the EMA target update follows each step, in `pretrain`)."""
+
+    def __init__(self, model: ContraWarping, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 contrast: ContrastSettings) -> None:
+        super().__init__(model, optimizer, scheduler)
+        self.contrast = contrast
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        v1, v2, n1, n2 = batch
+        return self.model.loss(v1, v2, n1, n2, self.contrast)
+
+    def describe(self, outputs: Any) -> str:
+        return str(outputs)
+
+
+@dataclass
+class _Pretraining:
+    """The state of one pretraining run's loop."""
+
+    config: SSLConfig
+    data: UnlabelledImages
+    step: ContraWarpingStep
+    schedule: Schedule
+    generator: torch.Generator
+    device: torch.device
+    batch_size: int
+    steps_per_epoch: int
+    au_fields: tuple[torch.Tensor, torch.Tensor]  # per image: the AU weighting of the warp field, AU anchor points
+    done: int = 0  # optimizer steps so far
 
 
 def pretrain(config: SSLConfig, datasets: Mapping[str, Any] | Any | None = None,
@@ -501,92 +540,91 @@ def pretrain(config: SSLConfig, datasets: Mapping[str, Any] | Any | None = None,
     used), any dataset, or an UnlabelledImages. A finished run in `out_dir` with the same
     configuration is returned as is; another configuration there is refused.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, SSLConfig):
         raise ConfigError(f"pretrain() needs an SSLConfig, got {type(config).__name__}")
-    out_dir = Path(config.out_dir)
-    summary_path = out_dir / "pretrain.json"
+    summary_path = Path(config.out_dir) / "pretrain.json"
     ident = config_hash(config.identity())
     if summary_path.exists():
         done = json.loads(summary_path.read_text())
         if done.get("config_hash") == ident:
             return done
-        raise ConfigError(f"{out_dir} holds a pretraining run of another configuration; choose another out_dir")
+        raise ConfigError(f"{config.out_dir} holds a pretraining run of another configuration; choose another out_dir")
     device = resolve_device(config.device)
     seed_everything(config.seed)
     data = _build_pretrain_images(config, datasets)
     n = len(data)
     if n < 2:
         raise ConfigError(f"pretraining needs at least 2 images, got {n}")
-    au_weight, au_points = data.au_fields(config.warp.field_size, config.warp.au_sigma)
+    au_fields = data.au_fields(config.warp.field_size, config.warp.au_sigma)
     model = ContraWarping(config.backbone, data.image_size, config.proj_dim, config.hidden_dim).to(device)
-    optimizer = torch.optim.AdamW(model.online_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     bs = min(config.batch_size, n)
     steps_per_epoch = n // bs
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return config.lr * (step + 1) / warmup
-        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    gen = torch.Generator().manual_seed(config.seed)
+    schedule = Schedule("cosine", total_steps=steps_per_epoch * config.epochs,
+                        warmup_steps=int(config.warmup_epochs * steps_per_epoch))
+    optimizer, scheduler = build_optimizer(model.online_parameters(),
+                                           OptimSpec("adamw", config.lr, weight_decay=config.weight_decay), schedule)
+    loop = _Pretraining(config, data, ContraWarpingStep(model, optimizer, scheduler, config.contrast()), schedule,
+                        torch.Generator().manual_seed(config.seed), device, bs, steps_per_epoch, au_fields)
     history: list[dict[str, Any]] = []
-    step = 0
     t_start = time.perf_counter()
     model.train()
     for epoch in range(1, config.epochs + 1):
-        perm = torch.randperm(n, generator=gen)
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"contrawarping epoch {epoch}", disable=not progress, leave=False)
-        for s in bar:
-            idx = perm[s * bs:(s + 1) * bs]
-            x = data.images[idx].to(device).float().div_(255.0)
-            views = make_views(x, config.warp, config.augment, gen, au_weight[idx], au_points[idx])
-            v1, v2, n1, n2 = (data.normalise(views[k]) for k in ("v1", "v2", "n1", "n2"))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            loss, stats = model.loss(v1, v2, n1, n2, config.objective, config.neg_weight, config.temperature,
-                                     config.margin, config.symmetric)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite ContraWarping loss at epoch {epoch} step {s}: {stats}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            model.update_target(ema_momentum(config.ema, step, total))
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        record = {"epoch": epoch, "steps": steps_per_epoch, "lr": lr_at(max(step - 1, 0)),
-                  "time_s": time.perf_counter() - t0, **{k: v / max(1, steps_per_epoch) for k, v in sums.items()}}
-        history.append(record)
-        if progress:
-            extra = f" s+ {record.get('s_pos', float('nan')):.3f} s- {record.get('s_neg', float('nan')):.3f}"
-            print(f"[fer_lib.methods.ssl] epoch {epoch}: loss {record.get('loss', float('nan')):.4f}{extra}", flush=True)
-    train_time = time.perf_counter() - t_start
+        history.append(_pretrain_epoch(loop, epoch, progress))
+    return _save_pretraining(loop, history, time.perf_counter() - t_start, ident)
+
+
+def _pretrain_epoch(loop: _Pretraining, epoch: int, progress: bool) -> dict[str, Any]:
+    """One epoch of shuffled batches: views, the step, the EMA target update; the epoch's mean statistics."""
+    config, data, model, bs = loop.config, loop.data, loop.step.model, loop.batch_size
+    au_field, au_points = loop.au_fields
+    perm = torch.randperm(len(data), generator=loop.generator)
+    sums: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(range(loop.steps_per_epoch), desc=f"contrawarping epoch {epoch}", disable=not progress, leave=False)
+    for s in bar:
+        idx = perm[s * bs:(s + 1) * bs]
+        x = data.images[idx].to(loop.device).float().div_(255.0)
+        views = make_views(x, config.warp, config.augment, loop.generator, au_field[idx], au_points[idx])
+        v1, v2, n1, n2 = (data.normalise(views[k]) for k in ("v1", "v2", "n1", "n2"))
+        stats = loop.step((v1, v2, n1, n2), where=f"epoch {epoch}, step {s + 1} of ContraWarping")
+        loop.done += 1
+        model.update_target(ema_momentum(config.ema, loop.done, loop.schedule.total_steps))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+    record = {"epoch": epoch, "steps": loop.steps_per_epoch, "lr": config.lr * loop.schedule.factor(max(loop.done - 1, 0)),
+              "time_s": time.perf_counter() - t0, **{k: v / max(1, loop.steps_per_epoch) for k, v in sums.items()}}
+    if progress:
+        extra = f" s+ {record.get('s_pos', float('nan')):.3f} s- {record.get('s_neg', float('nan')):.3f}"
+        print(f"[fer_lib.methods.ssl] epoch {epoch}: loss {record.get('loss', float('nan')):.4f}{extra}", flush=True)
+    return record
+
+
+def _save_pretraining(loop: _Pretraining, history: list[dict[str, Any]], train_time: float,
+                      ident: str) -> dict[str, Any]:
+    """Write the backbone, the full ContraWarping state, history.csv and pretrain.json; return the summary."""
+    import pandas as pd
+
+    config, data, model = loop.config, loop.data, loop.step.model
+    out_dir = Path(config.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     meta = {"backbone": config.backbone, "image_size": data.image_size, "mean": list(data.mean),
             "std": list(data.std), "method": "contrawarping", "objective": config.objective,
             "au_aware": config.au_aware, "config_hash": ident, "run": run_info(config.to_dict())}
     backbone_path = save_backbone(model.encoder, ckpt_dir / "backbone.pt", meta)
     with atomic_path(ckpt_dir / "contrawarping.pt") as tmp:
-        torch.save({"ssl_state": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"ssl_state": model.state_dict(), "optimizer": loop.step.optimizer.state_dict(),
                     "config": config.to_dict(), "history": history, "meta": meta}, tmp)
-    import pandas as pd
-
     atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
+    total = loop.schedule.total_steps
     summary = {"run": run_info(config.to_dict()), "config": config.to_dict(), "config_hash": ident,
-               "n_images": n, "n_with_anchors": int(data.has_anchors.sum()), "skipped": data.skipped,
+               "n_images": len(data), "n_with_anchors": int(data.has_anchors.sum()), "skipped": data.skipped,
                "history": history, "train_time_s": train_time,
-               "images_per_s": total * bs / train_time if train_time > 0 else None,
-               "device": str(device), "backbone_path": str(backbone_path)}
-    atomic_write_json(summary_path, summary)
+               "images_per_s": total * loop.batch_size / train_time if train_time > 0 else None,
+               "device": str(loop.device), "backbone_path": str(backbone_path)}
+    atomic_write_json(out_dir / "pretrain.json", summary)
     return summary
 
 
@@ -595,8 +633,6 @@ def pretrain(config: SSLConfig, datasets: Mapping[str, Any] | Any | None = None,
 def extract_features(net: nn.Module, dataset: Any, batch_size: int = 128, device: torch.device | str = "cpu",
                      progress: bool = True, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """Frozen pooled features (N, D) and labels (N,) of a dataset of (image, label, ...) tuples."""
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     was = net.training
     net.eval().to(device)
@@ -615,8 +651,6 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     """Logistic regression on standardised frozen features; classification_metrics on the test set."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
-
-    from fer_lib.metrics import classification_metrics
 
     scaler = StandardScaler().fit(train_x)
     clf = LogisticRegression(C=c, max_iter=3000, random_state=seed)
@@ -669,22 +703,35 @@ def retrieval_metrics(query_x: np.ndarray, query_y: np.ndarray, gallery_x: np.nd
     return out
 
 
-def evaluate_representation(net: nn.Module, train_set: Any, test_set: Any, class_names: Sequence[str],
-                            k: int = 10, device: torch.device | str = "cpu", seed: int = 0,
-                            progress: bool = True, return_features: bool = False) -> dict[str, Any]:
-    """Linear probe, k-NN accuracy and retrieval (test queries against the train gallery) of a frozen backbone."""
-    from fer_lib.metrics import classification_metrics
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How `evaluate_representation` probes a frozen backbone: k of the k-NN, the probe's seed, a
+    progress bar, and whether the features come back too (key "features")."""
 
+    k: int = 10
+    seed: int = 0
+    progress: bool = True
+    return_features: bool = False
+
+
+def evaluate_representation(net: nn.Module, train_set: Any, test_set: Any, class_names: Sequence[str],
+                            device: torch.device | str = "cpu", settings: ProbeSettings | None = None,
+                            **fields: Any) -> dict[str, Any]:
+    """Linear probe, k-NN accuracy and retrieval (test queries against the train gallery) of a frozen backbone.
+
+    `settings` (or its fields as keywords: k=10, seed=0, progress=True, return_features=False)."""
+    ps = dataclasses.replace(settings or ProbeSettings(), **fields)
+    k, progress = ps.k, ps.progress
     tr_x, tr_y = extract_features(net, train_set, device=device, progress=progress, desc="features train")
     te_x, te_y = extract_features(net, test_set, device=device, progress=progress, desc="features test")
-    probe = linear_probe(tr_x, tr_y, te_x, te_y, class_names, seed=seed)
+    probe = linear_probe(tr_x, tr_y, te_x, te_y, class_names, seed=ps.seed)
     knn = classification_metrics(te_y, knn_predict(tr_x, tr_y, te_x, k, len(class_names)), class_names)
     out: dict[str, Any] = {
         "linear_probe": probe, "knn": knn, "knn_k": k,
         "retrieval": retrieval_metrics(te_x, te_y, tr_x, tr_y),
         "feature_dim": int(tr_x.shape[1]), "n_train": int(len(tr_y)), "n_test": int(len(te_y)),
     }
-    if return_features:
+    if ps.return_features:
         out["features"] = {"train": (tr_x, tr_y), "test": (te_x, te_y)}
     return out
 
@@ -719,11 +766,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
         for name in ("supervised_epochs", "finetune_epochs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.knn_k, int) or self.knn_k < 1:
-            raise ConfigError(f"knn_k must be a positive integer, got {self.knn_k!r}")
+            check_number(name, getattr(self, name), integer=True, minimum=0)
+        check_number("knn_k", self.knn_k, integer=True, minimum=1)
         self.ssl_config("main")  # validates the shared fields now
 
     def ssl_config(self, variant: str) -> SSLConfig:
@@ -756,9 +800,6 @@ def variant_name(objective: str, au_aware: bool) -> str:
 
 def _supervised_backbone(cfg: ExperimentConfig, datasets: Mapping[str, Any], out_dir: Path,
                          epochs: int, weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    from fer_lib.models import load_checkpoint
-    from fer_lib.training.train import TrainConfig, train
-
     tc = TrainConfig(dataset=cfg.dataset, data_root=cfg.data_root, landmarks=cfg.landmarks, backbone=cfg.backbone,
                      image_size=cfg.image_size, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.supervised_lr,
                      au_weight=0.0, pretrained=weights is not None, weights=weights, seed=cfg.seed,
@@ -774,8 +815,6 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     Backbones compared: random initialisation, each ContraWarping variant, and (when
     supervised_epochs > 0) a CE-trained one from fer_lib.training.train on the labelled train split.
     """
-    from fer_lib.data import build_datasets
-
     out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
@@ -824,7 +863,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     evaluation: dict[str, Any] = {}
     features: dict[str, Any] = {}
     for name, net in backbones.items():
-        r = evaluate_representation(net, train_set, test_set, class_names, cfg.knn_k, device, cfg.seed,
+        r = evaluate_representation(net, train_set, test_set, class_names, device, k=cfg.knn_k, seed=cfg.seed,
                                     progress=progress, return_features=True)
         features[name] = r.pop("features")
         evaluation[name] = r
@@ -852,8 +891,6 @@ def plot_views(images: UnlabelledImages, path: str | Path, n: int = 6, seed: int
                warp: WarpConfig | None = None, augment: GlobalAugConfig | None = None) -> Path:
     """Per face (rows): source, positives v1 and v2, then per warp mode (uniform, AU-aware) the negative n1 and |d1|."""
     import matplotlib.pyplot as plt
-
-    from fer_lib.plots import save_figure
 
     n = min(n, len(images))
     x = images.images[:n].float() / 255
@@ -893,8 +930,6 @@ def plot_pretraining(results: Mapping[str, Any], path: str | Path) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from fer_lib.plots import save_figure
-
     rows = [{"variant": name, **h} for name, run in results["pretraining"].items() for h in run["history"]]
     frame = pd.DataFrame(rows)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -916,8 +951,6 @@ def plot_metrics(results: Mapping[str, Any], path: str | Path) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from fer_lib.plots import save_figure
-
     frame = pd.DataFrame(results["table"])
     keep = ["linear_probe_acc", "knn_acc", "retrieval_precision@1", "retrieval_mAP"]
     long = frame.melt(id_vars="backbone", value_vars=[c for c in keep if c in frame], var_name="metric")
@@ -938,8 +971,6 @@ def plot_retrieval(results: Mapping[str, Any], path: str | Path, backbones: Sequ
                    n_queries: int = 4, k: int = 5, seed: int = 0) -> Path:
     """For a few test queries: the top-k train images per backbone (green title = same expression)."""
     import matplotlib.pyplot as plt
-
-    from fer_lib.plots import save_figure
 
     feats = results["_features"]
     data = results["_datasets"]

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fer_lib.utils import ConfigError
+from fer_lib.faces.au import AU_REGIONS, all_au_heatmap
+from fer_lib.faces.landmarks import ANCHOR_INDEX
+from fer_lib.utils import ConfigError, check_number
 
 
 # --------------------------------------------------------------------------- configuration
@@ -55,21 +57,13 @@ class WarpConfig:
     field_size: int = 32  # resolution the field is built at (then bilinearly upsampled)
 
     def __post_init__(self) -> None:
-        checks = {
-            "magnitude": 0.0 <= self.magnitude <= 0.5,
-            "min_strength": 0.0 <= self.min_strength <= 1.0,
-            "n_bumps": isinstance(self.n_bumps, int) and self.n_bumps >= 1,
-            "sigma": 0.0 < self.sigma <= 1.0,
-            "au_sigma": 0.0 < self.au_sigma <= 1.0,
-            "au_jitter": 0.0 <= self.au_jitter <= 0.5,
-            "field_size": isinstance(self.field_size, int) and 4 <= self.field_size <= 512,
-        }
-        accepted = {"magnitude": "a number in [0, 0.5]", "min_strength": "a number in [0, 1]",
-                    "n_bumps": "an integer >= 1", "sigma": "a number in (0, 1]", "au_sigma": "a number in (0, 1]",
-                    "au_jitter": "a number in [0, 0.5]", "field_size": "an integer in 4..512"}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"WarpConfig.{name}={getattr(self, name)!r} is invalid; accepted: {accepted[name]}")
+        check_number("WarpConfig.magnitude", self.magnitude, minimum=0.0, maximum=0.5)
+        check_number("WarpConfig.min_strength", self.min_strength, minimum=0.0, maximum=1.0)
+        check_number("WarpConfig.n_bumps", self.n_bumps, integer=True, minimum=1)
+        check_number("WarpConfig.sigma", self.sigma, above=0.0, maximum=1.0)
+        check_number("WarpConfig.au_sigma", self.au_sigma, above=0.0, maximum=1.0)
+        check_number("WarpConfig.au_jitter", self.au_jitter, minimum=0.0, maximum=0.5)
+        check_number("WarpConfig.field_size", self.field_size, integer=True, minimum=4, maximum=512)
         lo, hi = self.region
         if not 0.0 <= lo < hi <= 1.0:
             raise ConfigError(f"WarpConfig.region={self.region!r} must satisfy 0 <= lo < hi <= 1")
@@ -96,18 +90,17 @@ class GlobalAugConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)  # pixels
 
     def __post_init__(self) -> None:
-        for name in ("flip_p", "grayscale_p", "jitter_p", "blur_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"GlobalAugConfig.{name} is a probability in [0, 1], got {getattr(self, name)!r}")
+        for name in ("flip_p", "grayscale_p", "jitter_p", "blur_p"):  # probabilities
+            check_number(f"GlobalAugConfig.{name}", getattr(self, name), minimum=0.0, maximum=1.0)
         for name in ("brightness", "contrast", "saturation"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if check_number(f"GlobalAugConfig.{name}", getattr(self, name), minimum=0.0) >= 1.0:
                 raise ConfigError(f"GlobalAugConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not (0 < self.scale[0] <= self.scale[1]):
             raise ConfigError(f"GlobalAugConfig.scale must satisfy 0 < lo <= hi, got {self.scale!r}")
         if not (0 <= self.blur_sigma[0] <= self.blur_sigma[1]):
             raise ConfigError(f"GlobalAugConfig.blur_sigma must satisfy 0 <= lo <= hi, got {self.blur_sigma!r}")
-        if self.rotation < 0 or self.translate < 0:
-            raise ConfigError("GlobalAugConfig.rotation and translate must be >= 0")
+        check_number("GlobalAugConfig.rotation", self.rotation, minimum=0)
+        check_number("GlobalAugConfig.translate", self.translate, minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,14 +118,12 @@ def _coords(size: int, device) -> torch.Tensor:
     return torch.stack([xx, yy], dim=-1)
 
 
-def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
+def au_field_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
     """All-AU heatmaps (fer_lib.faces.au.all_au_heatmap, wide sigma) for many faces.
 
     anchors: (N, A, 2) normalised anchors, NaN rows for faces without landmarks.
     Returns (maps (N, size, size) float32 in [0, 1], valid (N,) bool); invalid faces get ones.
     """
-    from fer_lib.faces.au import all_au_heatmap
-
     anchors = np.asarray(anchors, dtype=np.float32)
     if anchors.ndim != 3 or anchors.shape[-1] != 2:
         raise ValueError(f"expected anchors of shape (N, A, 2), got {anchors.shape}")
@@ -149,20 +140,17 @@ def au_weight_maps(anchors: np.ndarray, size: int = 32, sigma: float = 0.10) -> 
 
 def au_anchor_points(anchors: np.ndarray) -> np.ndarray:
     """The anchors that AU regions sit on (fer_lib.faces.au.AU_REGIONS), per face: (N, K, 2)."""
-    from fer_lib.faces.au import AU_REGIONS
-    from fer_lib.faces.landmarks import ANCHOR_INDEX
-
     idx = sorted({ANCHOR_INDEX[a] for names in AU_REGIONS.values() for a in names})
     return np.asarray(anchors, np.float32)[:, idx]
 
 
 # --------------------------------------------------------------------------- local warps
 def random_displacement(n: int, config: WarpConfig | None = None, generator: torch.Generator | None = None,
-                        au_weight: torch.Tensor | None = None, au_points: torch.Tensor | None = None,
+                        au_field: torch.Tensor | None = None, au_points: torch.Tensor | None = None,
                         device: torch.device | str = "cpu") -> torch.Tensor:
     """Sample n smooth, bounded displacement fields (n, 2, F, F) in units of the image side.
 
-    With `config.au_aware`, `au_weight` (n, F', F') weights the field (all-AU heatmap) and
+    With `config.au_aware`, `au_field` (n, F', F') weights the field (all-AU heatmap) and
     `au_points` (n, K, 2) (anchors of AU regions, NaN for faces without landmarks) give the
     bump centres; faces whose weight or points are missing get a uniform warp.
     """
@@ -188,10 +176,10 @@ def random_displacement(n: int, config: WarpConfig | None = None, generator: tor
             chosen = torch.gather(torch.nan_to_num(pts), 1, choice[..., None].expand(-1, -1, 2))
             chosen = (chosen + jitter.to(device)).clamp(0.0, 1.0)
             centres = torch.where(has[:, None, None], chosen, centres)
-        if au_weight is not None:
-            w = torch.as_tensor(au_weight, dtype=torch.float32, device=device)
+        if au_field is not None:
+            w = torch.as_tensor(au_field, dtype=torch.float32, device=device)
             if w.ndim != 3 or w.shape[0] != n:
-                raise ValueError(f"au_weight must be (n={n}, h, w), got {tuple(w.shape)}")
+                raise ValueError(f"au_field must be (n={n}, h, w), got {tuple(w.shape)}")
             if w.shape[-2:] != (size, size):
                 w = F.interpolate(w[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             weight = w.clamp(0.0, 1.0)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fer_lib.models import layer_attention
-from fer_lib.utils import ConfigError, check_choice
+from fer_lib.utils import ConfigError, check_choice, check_number
 
 AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl", "std_cosine")
 ATTENTIONS: tuple[str, ...] = ("mean", "random_avg")
@@ -59,8 +59,7 @@ def resize_map(au_map: torch.Tensor, size: Sequence[int], mode: str = "area") ->
 def random_channel_attention(feature: torch.Tensor, p: float) -> torch.Tensor:
     """Mean over a Bernoulli(p) random subset of channels, drawn per sample: (B,C,h,w) -> (B,1,h,w);
     a sample whose draw selects no channel gets a zero map. p = 1 is the plain channel mean."""
-    if not 0.0 < p <= 1.0:
-        raise ConfigError(f"attention_p must be in (0, 1], got {p!r}")
+    check_number("attention_p", p, above=0.0, maximum=1.0)
     if p == 1.0:
         return layer_attention(feature)
     keep = torch.bernoulli(torch.full(feature.shape[:2], p, device=feature.device)).to(feature.dtype)
@@ -118,12 +117,11 @@ class AUGuidedLoss(nn.Module):
     def __init__(self, au_weight: float = 9.0, kind: str = "cosine", label_smoothing: float = 0.0,
                  attention: str = "mean", attention_p: float = 1.0, au_resize: str = "area"):
         super().__init__()
-        if not isinstance(au_weight, (int, float)) or au_weight < 0 or au_weight != au_weight:
-            raise ConfigError(f"au_weight (lambda) must be a number >= 0, got {au_weight!r}")
-        if not 0.0 <= float(label_smoothing) < 1.0:
+        check_number("au_weight (lambda)", au_weight, minimum=0)
+        check_number("label_smoothing", label_smoothing, minimum=0.0)
+        if label_smoothing >= 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if not 0.0 < float(attention_p) <= 1.0:
-            raise ConfigError(f"attention_p must be in (0, 1], got {attention_p!r}")
+        check_number("attention_p", attention_p, above=0.0, maximum=1.0)
         self.au_weight = float(au_weight)
         self.kind = check_choice("au_loss", kind, AU_LOSSES)
         self.label_smoothing = float(label_smoothing)

@@ -4,19 +4,20 @@
     results = train(config)        # or: python -m fer_lib.training.train --backbone resnet18 --au-weight 9
                                    # or: torchrun --nproc_per_node 2 -m fer_lib.training.train ...
 
-What one run does (only rank 0 writes files):
-1. validates the config (bad values fail at once, listing the choices), takes a lock on
-   `out_dir` (a second run on the same folder is refused; a stale lock of a dead process is
-   taken over), refuses a folder that holds a run with another config;
-2. builds the datasets (fer_lib.data.build_datasets) and the tapped model (fer_lib.models);
-3. resumes from `checkpoints/last.pt` if this run was interrupted (model, optimizer,
-   scheduler, AMP scaler, epoch, RNG states); every epoch re-seeds from (seed, epoch) so a
-   resumed run ends with the same metrics as an uninterrupted one;
-4. per epoch: trains with CE + lambda * AU alignment (fer_lib.training.losses), evaluates val
-   (accuracy, macro-F1, per-class accuracy, confusion, ATT-COS per tapped layer), writes
-   `metrics.csv` / `history.json` and the `last` / `best` (by val accuracy; last epoch when
-   there is no val split) checkpoints, all atomically;
-5. reloads the best checkpoint, evaluates val and test and writes `metrics.json`.
+What one run does (only rank 0 writes files), in the order of this file:
+1. config: validates the config (bad values fail at once, listing the choices), takes the run lock
+   of `out_dir` (fer_lib.training.runs: a second run on the same folder is refused; the folder of
+   a killed run is taken over), refuses a folder that holds a run with another config;
+2. data: builds the datasets (fer_lib.data.build_datasets);
+3. model: the tapped model (fer_lib.models), the loss (fer_lib.training.losses), the optimizer,
+   schedule and step (fer_lib.training.step); resumes from `checkpoints/last.pt` if this run was
+   interrupted (model, optimizer, scheduler, AMP scaler, epoch, RNG states);
+4. loop: every epoch re-seeds from (seed, epoch) so a resumed run ends with the same metrics as
+   an uninterrupted one; trains with CE + lambda * AU alignment, evaluates val (accuracy,
+   macro-F1, per-class accuracy, confusion, ATT-COS per tapped layer), writes `metrics.csv` /
+   `history.json` and the `last` / `best` (by val accuracy; last epoch when there is no val
+   split) checkpoints, all atomically;
+5. final evaluation: reloads the best checkpoint, evaluates val and test and writes `metrics.json`.
 
 On CUDA it uses AMP (fp16 + GradScaler) and channels_last; on CPU it is deterministic for a
 given seed. Under torchrun (RANK / WORLD_SIZE set) it runs DistributedDataParallel with NCCL
@@ -27,21 +28,18 @@ skips the batch on every rank (nan_policy="skip").
 from __future__ import annotations
 
 import argparse
-import errno
 import dataclasses
+import errno
 import json
 import math
 import os
-import random
 import shutil
-import socket
 import sys
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,31 +47,31 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from fer_lib.training.losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
+from fer_lib import data as data_mod
+from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.metrics import classification_metrics, map_cosine, protocol_note
-from fer_lib.models.checkpoints import load_file, plain_rng_state, restore_rng_state, to_plain
 from fer_lib.models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
-                     pretrained_normalisation, resolve_layers)
-from fer_lib.utils import (ConfigError, UserError, atomic_path, atomic_write_csv, atomic_write_json,
-                    check_choice, run_cli, run_info, seed_everything)
+                            pretrained_normalisation, resolve_layers)
+from fer_lib.models.checkpoints import load_file, to_plain
+from fer_lib.training.losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
+from fer_lib.training.runs import (DistContext, RunLockedError, all_reduce_sum, barrier, broadcast_object,
+                                   check_run_identity, epoch_seed, gather_checksums, init_distributed,
+                                   param_checksum, rng_state, run_lock, set_rng_state, unwrap, worker_init)
+from fer_lib.training.step import (NAN_POLICIES, OPTIMIZERS, SCHEDULES, AUGuidedStep, NonFiniteLossError, OptimSpec,
+                                   Schedule, StepSettings, autocast, build_optimizer, build_scheduler)
+from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
+                           resolve_device, run_cli, run_info, seed_everything)
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine", "none")
 DEVICES = ("auto", "cpu", "cuda")
 LANDMARK_MODES = ("detect", "ground_truth", "none")
-NAN_POLICIES = ("stop", "skip")
 #: config fields that do not change results: a run restarted with other values still resumes
 _IDENTITY_IGNORED = ("out_dir", "num_workers", "trust_checkpoint")
+_unwrap = unwrap  # the model inside DDP (name kept for callers of fer_lib.training.train)
+__all__ = ["TrainConfig", "train", "evaluate", "main", "build_parser", "NonFiniteLossError", "RunLockedError",
+           "DistContext", "init_distributed", "run_lock", "param_checksum", "checkpoint_write_error"]
 
 
-class RunLockedError(UserError, RuntimeError):
-    """Another live process is training into the same out_dir."""
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN/inf with nan_policy='stop'."""
-
-
+# =========================================================================== 1. config
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; validated at construction."""
@@ -125,28 +123,20 @@ class TrainConfig:
         check_choice("au_loss", self.au_loss, AU_LOSSES)
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("au_resize", self.au_resize, AU_RESIZES)
-        if not isinstance(self.attention_p, (int, float)) or not 0.0 < float(self.attention_p) <= 1.0:
-            raise ConfigError(f"attention_p must be in (0, 1], got {self.attention_p!r}")
+        check_number("attention_p", self.attention_p, above=0.0, maximum=1.0)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         for name in ("epochs", "image_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_number(name, getattr(self, name), integer=True, minimum=1)
         for name in ("eval_batch_size", "max_steps_per_epoch", "step_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ConfigError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if not isinstance(self.step_gamma, (int, float)) or not 0.0 < float(self.step_gamma) <= 1.0:
-            raise ConfigError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
+            if getattr(self, name) is not None:
+                check_number(f"{name} (or None)", getattr(self, name), integer=True, minimum=1)
+        check_number("num_workers", self.num_workers, integer=True, minimum=0)
+        check_number("step_gamma", self.step_gamma, above=0.0, maximum=1.0)
         for name in ("lr", "momentum", "weight_decay", "warmup", "au_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ConfigError("lr must be > 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("lr", self.lr, above=0)
+        check_number("label_smoothing", self.label_smoothing, minimum=0.0)
+        if self.label_smoothing >= 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.dataset_kwargs, dict):
             raise ConfigError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
@@ -158,8 +148,7 @@ class TrainConfig:
         self.pretrained = check_pretrained(self.pretrained, self.weights)
         if self.output_stride not in (None, 8, 16, 32):
             raise ConfigError(f"output_stride must be None, 8, 16 or 32, got {self.output_stride!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' but no CUDA GPU is available; use device='auto' or 'cpu'")
+        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
         names = _dataset_names()
         if names is not None:
             check_choice("dataset", self.dataset, names)
@@ -177,10 +166,6 @@ class TrainConfig:
 
 
 def _dataset_names() -> Sequence[str] | None:
-    try:
-        from fer_lib import data as data_mod
-    except ImportError:
-        return None
     for attr in ("DATASETS", "DATASET_NAMES"):
         names = getattr(data_mod, attr, None)
         if names:
@@ -188,410 +173,89 @@ def _dataset_names() -> Sequence[str] | None:
     return None
 
 
-# --------------------------------------------------------------------------- distributed
-@dataclass
-class DistContext:
-    """Rank information for this process (world_size 1 when not under torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+def _optim_spec(config: TrainConfig) -> OptimSpec:
+    return OptimSpec(config.optimizer, config.lr, config.momentum, config.weight_decay)
 
 
-def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_distributed(config: TrainConfig) -> DistContext:
-    """Join the torchrun process group when RANK/WORLD_SIZE are set (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(config, local_rank if world > 1 else 0)
-    if world <= 1:
-        return DistContext(device=device)
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       device=device, owns_group=owns)
-
-
-def _broadcast_object(ctx: DistContext, obj: Any) -> Any:
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_reduce_sum(ctx: DistContext, values: Sequence[float]) -> list[float]:
-    if not ctx.distributed:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        dist.barrier()
-
-
-# --------------------------------------------------------------------------- run folder
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(out_dir: Path) -> Iterator[Path]:
-    """Exclusive lock file in out_dir; refuses a live holder, takes over a dead one's lock."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = out_dir / ".lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            pid, host = holder.get("pid"), holder.get("host")
-            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            if not holder:  # being written right now, or empty: give it a moment
-                time.sleep(0.2)
-                try:
-                    holder = json.loads(lock.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                if not holder:
-                    lock.unlink(missing_ok=True)
-                    continue
-            raise RunLockedError(
-                f"{out_dir} is in use by another run (pid {pid} on {host}); wait for it or choose another "
-                f"out_dir (delete {lock} only if that process is really gone)") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
-    else:
-        raise RunLockedError(f"could not take the lock {lock}")
-    try:
-        yield lock
-    finally:
-        try:
-            if json.loads(lock.read_text()).get("pid") == me["pid"]:
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
-
-
-def _check_run_identity(out_dir: Path, config: TrainConfig) -> None:
-    """Refuse an out_dir holding a run with another config; record ours in config.json."""
-    path = out_dir / "config.json"
-    ours = config.identity()
-    if path.exists():
-        try:
-            theirs = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ConfigError(f"{path} is unreadable ({exc}); choose another out_dir") from exc
-        theirs = {k: v for k, v in theirs.items() if k not in _IDENTITY_IGNORED}
-        if theirs != ours:
-            diffs = [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
-                     if theirs.get(k) != ours.get(k)]
-            raise ConfigError(
-                f"{out_dir} holds a run with a different config ({'; '.join(diffs)}); a run never overwrites "
-                f"another run's results: choose another out_dir")
-    else:
-        atomic_write_json(path, config.to_dict())
-
-
-# --------------------------------------------------------------------------- helpers
-def _rng_state() -> dict[str, Any]:
-    """Every RNG state as tensors and lists (checkpoints stay plain data: fer_lib.models.checkpoints)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return plain_rng_state(state)
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    state = restore_rng_state(state)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**31)
-
-
-def _worker_init(worker_id: int) -> None:
-    s = torch.initial_seed() % (2**32)
-    np.random.seed(s)
-    random.seed(s)
-
-
-def _unwrap(model: torch.nn.Module) -> TappedModel:
-    return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """The LR schedule of `config` in optimizer steps (warm-up epochs rounded to whole steps)."""
+    return Schedule(config.schedule, total_steps=max(1, config.epochs * steps_per_epoch),
+                    warmup_steps=int(round(config.warmup * steps_per_epoch)),
+                    step_every=(config.step_size or max(1, config.epochs // 3)) * steps_per_epoch,
+                    gamma=config.step_gamma)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    total = max(1, config.epochs * steps_per_epoch)
-    warm = int(round(config.warmup * steps_per_epoch))
-    step_every = (config.step_size or max(1, config.epochs // 3)) * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        if config.schedule == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if config.schedule == "step":
-            return config.step_gamma ** (step // step_every)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The schedule of `config` on an existing optimizer (fer_lib.training.step.build_scheduler)."""
+    return build_scheduler(optimizer, _schedule(config, steps_per_epoch))
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+def train(config: TrainConfig, datasets: dict[str, Dataset] | None = None) -> dict[str, Any]:
+    """Train (or resume, or return the finished results of) the run described by `config`.
 
-
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
-                     config: TrainConfig, metrics: dict[str, Any]) -> None:
-    core = _unwrap(model)
-    ckpt = {
-        "model_state": {k: v.detach().cpu() for k, v in core.state_dict().items()},
-        "model_config": core.config,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "rng_state": _rng_state(),
-        "config": config.to_dict(),
-        "run": run_info(config.to_dict()),
-        "metrics": metrics,
-    }
-    with atomic_path(path) as tmp:  # the previous checkpoint stays intact if this write fails
-        try:
-            torch.save(to_plain(ckpt), tmp)  # plain data: loads with weights_only=True
-        except RuntimeError as exc:
-            raise checkpoint_write_error(path, exc) from exc
-
-
-def checkpoint_write_error(path: Path, exc: RuntimeError) -> Exception:
-    """torch's zip writer reports a failed write (a full disk) as a RuntimeError ('unexpected pos ...'):
-    turn that into an OSError naming the checkpoint (ENOSPC when the disk has under 64 MB left)."""
-    text = str(exc)
-    if "unexpected pos" not in text and "PytorchStreamWriter" not in text and "write" not in text.lower():
-        return exc
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 64 * 2**20:
-        return OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free) while writing the "
-                                     f"checkpoint", str(path))
-    first = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
-    return OSError(errno.EIO, f"writing the checkpoint failed ({first[:200]}); check the disk's free space and "
-                              f"file size limits", str(path))
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
-             batch_size: int = 64, amp: bool = False, ctx: DistContext | None = None,
-             desc: str = "eval", num_workers: int = 0, return_predictions: bool = False) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class accuracy, confusion, CE and ATT-COS per tapped layer on a dataset.
-
-    ATT-COS = map_cosine(layer attention, AU map, at="image") averaged over samples with a
-    valid AU map. Under DDP each rank evaluates a disjoint shard and the results are gathered.
+    `datasets` (keys "train" and optionally "val", "test") overrides fer_lib.data.build_datasets,
+    e.g. for tests. Returns the content of metrics.json.
     """
-    ctx = ctx or DistContext(device=torch.device(device))
-    core = _unwrap(model)
-    device = torch.device(device)
-    was_training = core.training
-    core.eval()
-    indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    preds, labels, ces, valids = [], [], [], []
-    cos: list[list[np.ndarray]] = [[] for _ in core.tap_names]
-    for images, y, au, has_lm in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda" and core.config.get("channels_last"):
-            images = images.contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
-        au = au.to(device)
-        with _autocast(device, amp):
-            logits, feats = core(images)
-        ce = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
-        valid = valid_map_mask(au, has_lm.to(device))
-        for i, f in enumerate(feats):
-            cos[i].append(map_cosine(layer_attention(f.float()), au, at="image").cpu().numpy())
-        preds.append(logits.argmax(1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-        ces.append(ce.cpu().numpy())
-        valids.append(valid.cpu().numpy())
-    core.train(was_training)
-    local = {
-        "idx": np.asarray(indices, np.int64),
-        "pred": np.concatenate(preds) if preds else np.zeros(0, np.int64),
-        "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        "ce": np.concatenate(ces) if ces else np.zeros(0, np.float32),
-        "valid": np.concatenate(valids) if valids else np.zeros(0, bool),
-        "cos": [np.concatenate(c) if c else np.zeros(0, np.float32) for c in cos],
-    }
-    parts = [local]
-    if ctx.distributed:
-        parts = [None] * ctx.world_size  # type: ignore[list-item]
-        dist.all_gather_object(parts, local)
-    order = np.argsort(np.concatenate([p["idx"] for p in parts]), kind="stable")
-    cat = {k: np.concatenate([p[k] for p in parts])[order] for k in ("pred", "label", "ce", "valid")}
-    cat_cos = [np.concatenate([p["cos"][i] for p in parts])[order] for i in range(len(core.tap_names))]
-    out = classification_metrics(cat["label"], cat["pred"], core.config["class_names"])
-    out["ce"] = float(cat["ce"].mean()) if cat["ce"].size else float("nan")
-    n_valid = int(cat["valid"].sum())
-    out["att_cos"] = {name: (float(c[cat["valid"]].mean()) if n_valid else None)
-                      for name, c in zip(core.tap_names, cat_cos)}
-    vals = [v for v in out["att_cos"].values() if v is not None]
-    out["att_cos_mean"] = float(np.mean(vals)) if vals else None
-    out["n_valid_maps"] = n_valid
-    if return_predictions:
-        out["predictions"] = {"pred": cat["pred"].tolist(), "label": cat["label"].tolist(),
-                              "valid": cat["valid"].tolist(),
-                              "att_cos": {n: c.tolist() for n, c in zip(core.tap_names, cat_cos)}}
-    return out
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"train() needs a TrainConfig, got {type(config).__name__}")
+    ctx = init_distributed(config.device)
+    try:
+        out_dir = Path(config.out_dir)
+        with ExitStack() as held:
+            error = None
+            if ctx.is_main:
+                try:
+                    held.enter_context(run_lock(out_dir))
+                    check_run_identity(out_dir, config, _IDENTITY_IGNORED)
+                except Exception as exc:  # noqa: BLE001 - a full disk here too: the lock is released
+                    held.close()
+                    error = exc
+            error = broadcast_object(ctx, error)
+            if error is not None:
+                raise error
+            return _train(config, datasets, ctx, out_dir)
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- training
-def _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, config: TrainConfig,
-                     ctx: DistContext, epoch: int, use_amp: bool, tap_names: Sequence[str]) -> dict[str, Any]:
-    model.train()
-    sums = np.zeros(6)  # n, loss*n, ce*n, au*n, correct, skipped
-    cos_sum = np.zeros(len(tap_names))
-    cos_n = 0.0
-    steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not ctx.is_main)
-    for step, (images, labels, au_maps, has_lm) in enumerate(bar):
-        if step >= steps:
-            break
-        images = images.to(ctx.device, non_blocking=True)
-        if ctx.device.type == "cuda" and config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(ctx.device, non_blocking=True)
-        au_maps = au_maps.to(ctx.device, non_blocking=True)
-        has_lm = has_lm.to(ctx.device, non_blocking=True)
-        # BatchNorm statistics move during the forward pass: keep them to undo a skipped batch
-        backup = [b.detach().clone() for b in model.buffers()] if config.nan_policy == "skip" else None
-        with _autocast(ctx.device, use_amp):
-            logits, feats = model(images)
-        loss, parts = criterion(logits, feats, labels, au_maps, has_lm)
-        finite = torch.isfinite(loss.detach()).float()
-        if ctx.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            if config.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {step + 1} (total={parts.total}, ce={parts.ce}, "
-                    f"au={parts.au}); the last good checkpoint is kept in {Path(config.out_dir) / 'checkpoints'}; "
-                    f"lower lr, disable amp, or use nan_policy='skip'")
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), backup or []):
-                    b.copy_(saved)
-            sums[5] += 1
-            with warnings.catch_warnings():  # the schedule advances even though no step was taken
-                warnings.simplefilter("ignore", UserWarning)
-                scheduler.step()
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():
-            n = labels.shape[0]
-            sums[:5] += [n, parts.total * n, parts.ce * n, parts.au * n, float((logits.argmax(1) == labels).sum())]
-            valid = valid_map_mask(au_maps, has_lm)
-            if valid.any():
-                for i, f in enumerate(feats):
-                    cos_sum[i] += float(map_cosine(layer_attention(f.detach().float()[valid]), au_maps[valid]).sum())
-                cos_n += float(valid.sum())
+def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistContext, out_dir: Path) -> dict[str, Any]:
+    """config -> data -> model -> loop -> final evaluation."""
+    metrics_path = out_dir / "metrics.json"
+    if metrics_path.exists():
         if ctx.is_main:
-            bar.set_postfix(loss=f"{parts.total:.3f}", ce=f"{parts.ce:.3f}", au=f"{parts.au:.3f}")
-    bar.close()
-    red = _all_reduce_sum(ctx, list(sums) + list(cos_sum) + [cos_n])
-    n = max(red[0], 1.0)
-    cos_tot, cos_cnt = red[6:6 + len(tap_names)], red[-1]
-    att = {name: (c / cos_cnt if cos_cnt else None) for name, c in zip(tap_names, cos_tot)}
-    vals = [v for v in att.values() if v is not None]
-    return {"loss": red[1] / n, "ce": red[2] / n, "au": red[3] / n, "accuracy": red[4] / n,
-            "skipped_batches": int(red[5] / ctx.world_size), "n": int(red[0]), "att_cos": att,
-            "att_cos_mean": float(np.mean(vals)) if vals else None}
+            print(f"[fer_lib.training.train] {out_dir} already holds the finished run; returning its metrics.json")
+        return json.loads(metrics_path.read_text())
+    if ctx.is_main:  # half-written temporaries of a run killed mid-write (we hold the lock: nobody else writes)
+        for stale in list((out_dir / "checkpoints").glob(".*.tmp")) + list(out_dir.glob(".*.tmp")):
+            stale.unlink(missing_ok=True)
+    seed_everything(config.seed)
+    datasets, data_summary = _prepare_data(config, datasets, ctx, out_dir)
+    run = _prepare_run(config, ctx, out_dir, datasets["train"])
+    progress = _resume(run)
+    if ctx.distributed:
+        ddp_kwargs = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
+        run.model = torch.nn.parallel.DistributedDataParallel(run.model, **ddp_kwargs)
+        run.step.model = run.model
+    for epoch in range(progress.next_epoch, config.epochs + 1):
+        _run_epoch(run, datasets, epoch, progress)
+    return _final_evaluation(run, datasets, progress, data_summary)
 
 
-def _history_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for h in history:
-        for split in ("train", "val"):
-            m = h.get(split)
-            if not m:
-                continue
-            row = {"epoch": h["epoch"], "split": split, "lr": h["lr"], "time_s": h["time_s"],
-                   "loss": m.get("loss"), "ce": m.get("ce"), "au": m.get("au"),
-                   "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
-                   "att_cos_mean": m.get("att_cos_mean"), "skipped_batches": m.get("skipped_batches")}
-            for layer, v in (m.get("att_cos") or {}).items():
-                row[f"att_cos/{layer}"] = v
-            rows.append(row)
-    return rows
-
-
-def _write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    import pandas as pd
-
-    atomic_write_csv(out_dir / "metrics.csv", pd.DataFrame(_history_rows(history)))
-    atomic_write_json(out_dir / "history.json", history)
+# =========================================================================== 2. data
+def _prepare_data(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistContext,
+                  out_dir: Path) -> tuple[dict[str, Dataset], dict[str, Any]]:
+    """The datasets (built from the config unless given), checked, and their summary (data_summary)."""
+    if datasets is None:
+        datasets = _build_datasets(config, ctx)
+    if "train" not in datasets:
+        raise ConfigError(f"datasets need a 'train' split, got {sorted(datasets)}")
+    if len(datasets["train"]) == 0:
+        raise ConfigError("the train split is empty")
+    return datasets, _data_summary(datasets, out_dir, write=ctx.is_main)
 
 
 def _build_datasets(config: TrainConfig, ctx: DistContext) -> dict[str, Dataset]:
-    from fer_lib.data import build_datasets
-
     kwargs = dict(root=config.data_root, image_size=config.image_size, seed=config.seed,
                   landmarks=config.landmarks, cache_dir=config.cache_dir, augment=config.augment,
                   **config.dataset_kwargs)
@@ -600,11 +264,11 @@ def _build_datasets(config: TrainConfig, ctx: DistContext) -> dict[str, Dataset]
         kwargs.setdefault("mean", tuple(mean))
         kwargs.setdefault("std", tuple(std))
     if ctx.distributed and not ctx.is_main:
-        _barrier(ctx)  # rank 0 builds (and caches) first
-        return build_datasets(config.dataset, **kwargs)
-    out = build_datasets(config.dataset, **kwargs)
+        barrier(ctx)  # rank 0 builds (and caches) first
+        return data_mod.build_datasets(config.dataset, **kwargs)
+    out = data_mod.build_datasets(config.dataset, **kwargs)
     if ctx.distributed:
-        _barrier(ctx)
+        barrier(ctx)
     return out
 
 
@@ -643,65 +307,50 @@ def _data_summary(datasets: dict[str, Dataset], out_dir: Path, write: bool) -> d
     return summary
 
 
-def train(config: TrainConfig, datasets: dict[str, Dataset] | None = None) -> dict[str, Any]:
-    """Train (or resume, or return the finished results of) the run described by `config`.
+# =========================================================================== 3. model, loss, optimizer, step
+@dataclass
+class _Run:
+    """What the loop needs, built once (under torchrun `model` becomes the DDP wrapper)."""
 
-    `datasets` (keys "train" and optionally "val", "test") overrides fer_lib.data.build_datasets,
-    e.g. for tests. Returns the content of metrics.json.
-    """
-    if not isinstance(config, TrainConfig):
-        raise ConfigError(f"train() needs a TrainConfig, got {type(config).__name__}")
-    ctx = init_distributed(config)
-    try:
-        out_dir = Path(config.out_dir)
-        error = None
-        lock_cm = None
-        if ctx.is_main:
-            try:
-                lock_cm = run_lock(out_dir)
-                lock_cm.__enter__()
-                _check_run_identity(out_dir, config)
-            except Exception as exc:  # noqa: BLE001 - a full disk here too: the lock must be released
-                if lock_cm is not None and not isinstance(exc, RunLockedError):
-                    lock_cm.__exit__(None, None, None)
-                    lock_cm = None
-                error = exc
-        error = _broadcast_object(ctx, error)
-        if error is not None:
-            raise error
-        try:
-            return _train(config, datasets, ctx, out_dir)
-        finally:
-            if lock_cm is not None:
-                lock_cm.__exit__(None, None, None)
-    finally:
-        if ctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    config: TrainConfig
+    ctx: DistContext
+    out_dir: Path
+    model: torch.nn.Module
+    step: AUGuidedStep
+    drop_last: bool
+    use_amp: bool
+
+    @property
+    def core(self) -> TappedModel:
+        return unwrap(self.model)  # type: ignore[return-value]
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or 2 * self.config.batch_size
 
 
-def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistContext, out_dir: Path) -> dict[str, Any]:
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.exists():
-        if ctx.is_main:
-            print(f"[fer_lib.training.train] {out_dir} already holds the finished run; returning its metrics.json")
-        return json.loads(metrics_path.read_text())
-    ckpt_dir = out_dir / "checkpoints"
-    if ctx.is_main:  # half-written temporaries of a run killed mid-write (we hold the lock: nobody else writes)
-        for stale in list(ckpt_dir.glob(".*.tmp")) + list(out_dir.glob(".*.tmp")):
-            stale.unlink(missing_ok=True)
-    seed_everything(config.seed)
-    if datasets is None:
-        datasets = _build_datasets(config, ctx)
-    if "train" not in datasets:
-        raise ConfigError(f"datasets need a 'train' split, got {sorted(datasets)}")
-    train_set = datasets["train"]
-    if len(train_set) == 0:
-        raise ConfigError("the train split is empty")
-    data_summary = _data_summary(datasets, out_dir, write=ctx.is_main)
-    class_names = list(getattr(train_set, "class_names", None) or [])
-    if not class_names:
-        from fer_lib.faces.au import EXPRESSIONS
-        class_names = list(EXPRESSIONS)
+@dataclass
+class _Progress:
+    """The loop's state, checkpointed each epoch (restored on resume)."""
+
+    next_epoch: int = 1
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "accuracy": -1.0})
+    train_time_s: float = 0.0
+    train_images: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best, "train_time_s": self.train_time_s,
+                "train_images": self.train_images}
+
+
+def _prepare_run(config: TrainConfig, ctx: DistContext, out_dir: Path, train_set: Dataset) -> _Run:
+    """The tapped model on its device, the AU-guided loss, the optimizer + schedule and the step."""
+    class_names = list(getattr(train_set, "class_names", None) or []) or list(EXPRESSIONS)
     model = build_model(config.backbone, num_classes=len(class_names), layers=config.layers,
                         image_size=config.image_size, pretrained=config.pretrained, weights=config.weights,
                         class_names=class_names, mean=getattr(train_set, "mean", None),
@@ -720,112 +369,298 @@ def _train(config: TrainConfig, datasets: dict[str, Dataset] | None, ctx: DistCo
     steps_per_epoch = per_rank // config.batch_size if drop_last else 1
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    optimizer = _make_optimizer(model, config)
-    scheduler = _make_scheduler(optimizer, config, steps_per_epoch)
+    optimizer, scheduler = build_optimizer(model.parameters(), _optim_spec(config), _schedule(config, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    settings = StepSettings(amp=use_amp, nan_policy=config.nan_policy, distributed=ctx.distributed,
+                            advice=f"the last good checkpoint is kept in {Path(config.out_dir) / 'checkpoints'}; "
+                                   f"lower lr, disable amp, or use nan_policy='skip'")
+    step = AUGuidedStep(model, optimizer, scheduler, criterion=criterion, scaler=scaler, settings=settings)
+    return _Run(config, ctx, out_dir, model, step, drop_last, use_amp)
 
-    start_epoch, history, best = 1, [], {"epoch": 0, "accuracy": -1.0}
-    train_time, train_images = 0.0, 0
-    last_path = ckpt_dir / "last.pt"
-    if last_path.exists():
-        ckpt = load_file(last_path, map_location=ctx.device, trust=config.trust_checkpoint)
-        model.load_state_dict(ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng_state"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        history = list(ckpt["metrics"]["history"])
-        best = dict(ckpt["metrics"]["best"])
-        train_time = float(ckpt["metrics"]["train_time_s"])
-        train_images = int(ckpt["metrics"]["train_images"])
-        if ctx.is_main:
-            print(f"[fer_lib.training.train] resuming {out_dir} after epoch {ckpt['epoch']}")
 
-    if ctx.distributed:
-        ddp_kwargs = {"device_ids": [ctx.device.index]} if use_cuda else {}
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    core = _unwrap(model)
-    eval_bs = config.eval_batch_size or 2 * config.batch_size
+def _resume(run: _Run) -> _Progress:
+    """The progress of an interrupted run from checkpoints/last.pt (model, optimizer, RNG, ...), else a fresh one."""
+    last_path = run.ckpt_dir / "last.pt"
+    if not last_path.exists():
+        return _Progress()
+    ckpt = load_file(last_path, map_location=run.ctx.device, trust=run.config.trust_checkpoint)
+    run.model.load_state_dict(ckpt["model_state"])
+    run.step.optimizer.load_state_dict(ckpt["optimizer"])
+    run.step.scheduler.load_state_dict(ckpt["scheduler"])
+    run.step.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng_state"])
+    m = ckpt["metrics"]
+    progress = _Progress(int(ckpt["epoch"]) + 1, list(m["history"]), dict(m["best"]), float(m["train_time_s"]),
+                         int(m["train_images"]))
+    if run.ctx.is_main:
+        print(f"[fer_lib.training.train] resuming {run.out_dir} after epoch {ckpt['epoch']}")
+    return progress
+
+
+# =========================================================================== 4. the loop
+def _run_epoch(run: _Run, datasets: dict[str, Dataset], epoch: int, progress: _Progress) -> None:
+    """Train one epoch, evaluate val, record history and checkpoints (rank 0)."""
+    ctx = run.ctx
+    loader = _epoch_loader(run, datasets["train"], epoch)
+    t0 = time.perf_counter()
+    train_m = _train_one_epoch(run, loader, epoch)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    epoch_time = time.perf_counter() - t0
+    progress.train_time_s += epoch_time
+    progress.train_images += train_m["n"]
     val_set = datasets.get("val")
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        seed_everything(_epoch_seed(config.seed, epoch))
-        gen = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
-        if ctx.distributed:
-            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                          shuffle=True, seed=config.seed, drop_last=False)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = torch.utils.data.RandomSampler(train_set, generator=gen)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=config.num_workers, pin_memory=use_cuda, generator=gen,
-                            worker_init_fn=_worker_init if config.num_workers else None)
-        t0 = time.perf_counter()
-        train_m = _train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, config, ctx,
-                                   epoch, use_amp, core.tap_names)
-        if use_cuda:
-            torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        train_images += train_m["n"]
-        val_m = evaluate(model, val_set, ctx.device, eval_bs, use_amp, ctx, desc=f"val {epoch}") if val_set else None
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "time_s": epoch_time,
-                  "train": train_m, "val": val_m}
-        history.append(record)
-        score = val_m["accuracy"] if val_m else float(epoch)  # no val split: the last epoch is "best"
-        improved = score > best["accuracy"]
+    val_m = evaluate(run.model, val_set, ctx.device, run.eval_batch_size, run.use_amp, ctx,
+                     desc=f"val {epoch}") if val_set else None
+    record = {"epoch": epoch, "lr": run.step.optimizer.param_groups[0]["lr"], "time_s": epoch_time,
+              "train": train_m, "val": val_m}
+    progress.history.append(record)
+    score = val_m["accuracy"] if val_m else float(epoch)  # no val split: the last epoch is "best"
+    improved = score > progress.best["accuracy"]
+    if improved:
+        progress.best = {"epoch": epoch, "accuracy": score}
+    if ctx.is_main:
+        _write_history(run.out_dir, progress.history)
+        step = run.step
         if improved:
-            best = {"epoch": epoch, "accuracy": score}
-        state = {"history": history, "best": best, "train_time_s": train_time, "train_images": train_images}
-        if ctx.is_main:
-            _write_history(out_dir, history)
-            if improved:
-                _save_checkpoint(ckpt_dir / "best.pt", model, optimizer, scheduler, scaler, epoch, config, state)
-            _save_checkpoint(last_path, model, optimizer, scheduler, scaler, epoch, config, state)
-            msg = f"epoch {epoch}: train loss {train_m['loss']:.4f} acc {train_m['accuracy']:.3f}"
-            if val_m:
-                msg += f" | val acc {val_m['accuracy']:.3f} f1 {val_m['macro_f1']:.3f} att_cos {val_m['att_cos_mean']}"
-            print(f"[fer_lib.training.train] {msg}", flush=True)
-        _barrier(ctx)
+            _save_checkpoint(run.ckpt_dir / "best.pt", run.model, step.optimizer, step.scheduler, step.scaler, epoch,
+                             run.config, progress.state())
+        _save_checkpoint(run.ckpt_dir / "last.pt", run.model, step.optimizer, step.scheduler, step.scaler, epoch,
+                         run.config, progress.state())
+        msg = f"epoch {epoch}: train loss {train_m['loss']:.4f} acc {train_m['accuracy']:.3f}"
+        if val_m:
+            msg += f" | val acc {val_m['accuracy']:.3f} f1 {val_m['macro_f1']:.3f} att_cos {val_m['att_cos_mean']}"
+        print(f"[fer_lib.training.train] {msg}", flush=True)
+    barrier(ctx)
 
-    # final evaluation with the best checkpoint
-    best_ckpt = load_file(ckpt_dir / "best.pt", map_location=ctx.device, trust=config.trust_checkpoint)
-    core.load_state_dict(best_ckpt["model_state"])
+
+def _epoch_loader(run: _Run, train_set: Dataset, epoch: int) -> DataLoader:
+    """The epoch's batches, re-seeded from (seed, epoch): a resumed run draws what an uninterrupted one would."""
+    config, ctx = run.config, run.ctx
+    seed_everything(epoch_seed(config.seed, epoch))
+    gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+    if ctx.distributed:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                      shuffle=True, seed=config.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = torch.utils.data.RandomSampler(train_set, generator=gen)
+    return DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=run.drop_last,
+                      num_workers=config.num_workers, pin_memory=ctx.device.type == "cuda", generator=gen,
+                      worker_init_fn=worker_init if config.num_workers else None)
+
+
+def _train_one_epoch(run: _Run, loader: DataLoader, epoch: int) -> dict[str, Any]:
+    """One pass of `run.step` over the loader; the epoch's train metrics (summed over ranks)."""
+    config, ctx = run.config, run.ctx
+    tap_names = run.core.tap_names
+    run.model.train()
+    sums = np.zeros(6)  # n, loss*n, ce*n, au*n, correct, skipped
+    cos = np.zeros(len(tap_names) + 1)  # per layer: sum of ATT-COS over valid maps; last: their count
+    steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not ctx.is_main)
+    for i, (images, labels, au_maps, has_lm) in enumerate(bar):
+        if i >= steps:
+            break
+        images = images.to(ctx.device, non_blocking=True)
+        if ctx.device.type == "cuda" and config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(ctx.device, non_blocking=True)
+        au_maps = au_maps.to(ctx.device, non_blocking=True)
+        has_lm = has_lm.to(ctx.device, non_blocking=True)
+        out = run.step((images, labels, au_maps, has_lm), where=f"epoch {epoch}, step {i + 1}")
+        if out is None:  # a skipped non-finite batch (nan_policy="skip")
+            sums[5] += 1
+            continue
+        _accumulate(sums, cos, out, labels, au_maps, has_lm)
+        if ctx.is_main:
+            parts = out[2]
+            bar.set_postfix(loss=f"{parts.total:.3f}", ce=f"{parts.ce:.3f}", au=f"{parts.au:.3f}")
+    bar.close()
+    red = all_reduce_sum(ctx, list(sums) + list(cos))
+    n = max(red[0], 1.0)
+    cos_tot, cos_cnt = red[6:6 + len(tap_names)], red[-1]
+    att = {name: (c / cos_cnt if cos_cnt else None) for name, c in zip(tap_names, cos_tot)}
+    vals = [v for v in att.values() if v is not None]
+    return {"loss": red[1] / n, "ce": red[2] / n, "au": red[3] / n, "accuracy": red[4] / n,
+            "skipped_batches": int(red[5] / ctx.world_size), "n": int(red[0]), "att_cos": att,
+            "att_cos_mean": float(np.mean(vals)) if vals else None}
+
+
+@torch.no_grad()
+def _accumulate(sums: np.ndarray, cos: np.ndarray, out: tuple, labels: torch.Tensor, au_maps: torch.Tensor,
+                has_lm: torch.Tensor) -> None:
+    """Add one batch to the epoch sums: n, loss, ce, au, correct; ATT-COS per layer over valid maps."""
+    logits, feats, parts = out
+    n = labels.shape[0]
+    sums[:5] += [n, parts.total * n, parts.ce * n, parts.au * n, float((logits.argmax(1) == labels).sum())]
+    valid = valid_map_mask(au_maps, has_lm)
+    if valid.any():
+        for i, f in enumerate(feats):
+            cos[i] += float(map_cosine(layer_attention(f.detach().float()[valid]), au_maps[valid]).sum())
+        cos[-1] += float(valid.sum())
+
+
+# =========================================================================== 5. final evaluation
+def _final_evaluation(run: _Run, datasets: dict[str, Dataset], progress: _Progress,
+                      data_summary: dict[str, Any]) -> dict[str, Any]:
+    """Reload the best checkpoint, evaluate val and test, write metrics.json (rank 0)."""
+    config, ctx = run.config, run.ctx
+    val_set = datasets.get("val")
+    best_ckpt = load_file(run.ckpt_dir / "best.pt", map_location=ctx.device, trust=config.trust_checkpoint)
+    run.core.load_state_dict(best_ckpt["model_state"])
     results: dict[str, Any] = {"run": run_info(config.to_dict()), "config": config.to_dict(),
                                "best_epoch": int(best_ckpt["epoch"]),
                                "selection": "val accuracy" if val_set else "last epoch (no val split)"}
     for split in ("val", "test"):
         if datasets.get(split) is not None:
-            m = evaluate(model, datasets[split], ctx.device, eval_bs, use_amp, ctx, desc=f"final {split}")
-            results[split] = m
+            results[split] = evaluate(run.model, datasets[split], ctx.device, run.eval_batch_size, run.use_amp, ctx,
+                                      desc=f"final {split}")
+    train_time = progress.train_time_s
     results["train_time_s"] = train_time
-    results["images_per_s"] = train_images / train_time if train_time > 0 else None
+    results["images_per_s"] = progress.train_images / train_time if train_time > 0 else None
     results["world_size"] = ctx.world_size
     if ctx.distributed:  # DDP keeps replicas identical; record it so a divergence would show
-        results["rank_param_checksums"] = _gather_checksums(core, ctx)
+        results["rank_param_checksums"] = gather_checksums(run.core, ctx)
     results["device"] = str(ctx.device)
     results["protocol"] = protocol_note(config.dataset, "val" if val_set is not None else None)
-    skipped = sum(h["train"].get("skipped_batches", 0) for h in history)
-    results["skipped_batches"] = skipped
+    results["skipped_batches"] = sum(h["train"].get("skipped_batches", 0) for h in progress.history)
     results["data"] = data_summary
     if ctx.is_main:
-        atomic_write_json(metrics_path, results)
-    _barrier(ctx)
+        atomic_write_json(run.out_dir / "metrics.json", results)
+    barrier(ctx)
     return results
 
 
-def param_checksum(model: torch.nn.Module) -> float:
-    """Sum of all parameters in float64 plus their squares: equal replicas give equal checksums."""
-    with torch.no_grad():
-        return float(sum(p.double().sum() + (p.double() ** 2).sum() for p in model.parameters()))
+# =========================================================================== checkpoints and history
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
+                     config: TrainConfig, metrics: dict[str, Any]) -> None:
+    core = unwrap(model)
+    ckpt = {
+        "model_state": {k: v.detach().cpu() for k, v in core.state_dict().items()},
+        "model_config": core.config,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "rng_state": rng_state(),
+        "config": config.to_dict(),
+        "run": run_info(config.to_dict()),
+        "metrics": metrics,
+    }
+    with atomic_path(path) as tmp:  # the previous checkpoint stays intact if this write fails
+        try:
+            torch.save(to_plain(ckpt), tmp)  # plain data: loads with weights_only=True
+        except RuntimeError as exc:
+            raise checkpoint_write_error(path, exc) from exc
 
 
-def _gather_checksums(model: torch.nn.Module, ctx: DistContext) -> list[float]:
-    local = param_checksum(model)
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, local)
-    return [float(v) for v in out]
+def checkpoint_write_error(path: Path, exc: RuntimeError) -> Exception:
+    """torch's zip writer reports a failed write (a full disk) as a RuntimeError ('unexpected pos ...'):
+    turn that into an OSError naming the checkpoint (ENOSPC when the disk has under 64 MB left)."""
+    text = str(exc)
+    if "unexpected pos" not in text and "PytorchStreamWriter" not in text and "write" not in text.lower():
+        return exc
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free) while writing the "
+                                     f"checkpoint", str(path))
+    first = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return OSError(errno.EIO, f"writing the checkpoint failed ({first[:200]}); check the disk's free space and "
+                              f"file size limits", str(path))
+
+
+def _history_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for h in history:
+        for split in ("train", "val"):
+            m = h.get(split)
+            if not m:
+                continue
+            row = {"epoch": h["epoch"], "split": split, "lr": h["lr"], "time_s": h["time_s"],
+                   "loss": m.get("loss"), "ce": m.get("ce"), "au": m.get("au"),
+                   "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
+                   "att_cos_mean": m.get("att_cos_mean"), "skipped_batches": m.get("skipped_batches")}
+            for layer, v in (m.get("att_cos") or {}).items():
+                row[f"att_cos/{layer}"] = v
+            rows.append(row)
+    return rows
+
+
+def _write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    atomic_write_csv(out_dir / "metrics.csv", pd.DataFrame(_history_rows(history)))
+    atomic_write_json(out_dir / "history.json", history)
+
+
+# =========================================================================== evaluation
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
+             batch_size: int = 64, amp: bool = False, ctx: DistContext | None = None,
+             desc: str = "eval", num_workers: int = 0, return_predictions: bool = False) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class accuracy, confusion, CE and ATT-COS per tapped layer on a dataset.
+
+    ATT-COS = map_cosine(layer attention, AU map, at="image") averaged over samples with a
+    valid AU map. Under DDP each rank evaluates a disjoint shard and the results are gathered.
+    """
+    ctx = ctx or DistContext(device=torch.device(device))
+    core = unwrap(model)
+    device = torch.device(device)
+    was_training = core.training
+    core.eval()
+    indices = list(range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    preds, labels, ces, valids = [], [], [], []
+    cos: list[list[np.ndarray]] = [[] for _ in core.tap_names]
+    for images, y, au, has_lm in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main):
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda" and core.config.get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
+        au = au.to(device)
+        with autocast(device, amp):
+            logits, feats = core(images)
+        ce = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        valid = valid_map_mask(au, has_lm.to(device))
+        for i, f in enumerate(feats):
+            cos[i].append(map_cosine(layer_attention(f.float()), au, at="image").cpu().numpy())
+        preds.append(logits.argmax(1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+        ces.append(ce.cpu().numpy())
+        valids.append(valid.cpu().numpy())
+    core.train(was_training)
+    local = {
+        "idx": np.asarray(indices, np.int64),
+        "pred": np.concatenate(preds) if preds else np.zeros(0, np.int64),
+        "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        "ce": np.concatenate(ces) if ces else np.zeros(0, np.float32),
+        "valid": np.concatenate(valids) if valids else np.zeros(0, bool),
+        "cos": [np.concatenate(c) if c else np.zeros(0, np.float32) for c in cos],
+    }
+    parts = [local]
+    if ctx.distributed:
+        parts = [None] * ctx.world_size  # type: ignore[list-item]
+        dist.all_gather_object(parts, local)
+    order = np.argsort(np.concatenate([p["idx"] for p in parts]), kind="stable")
+    cat = {k: np.concatenate([p[k] for p in parts])[order] for k in ("pred", "label", "ce", "valid")}
+    cat_cos = [np.concatenate([p["cos"][i] for p in parts])[order] for i in range(len(core.tap_names))]
+    out = classification_metrics(cat["label"], cat["pred"], core.config["class_names"])
+    out["ce"] = float(cat["ce"].mean()) if cat["ce"].size else float("nan")
+    n_valid = int(cat["valid"].sum())
+    out["att_cos"] = {name: (float(c[cat["valid"]].mean()) if n_valid else None)
+                      for name, c in zip(core.tap_names, cat_cos)}
+    vals = [v for v in out["att_cos"].values() if v is not None]
+    out["att_cos_mean"] = float(np.mean(vals)) if vals else None
+    out["n_valid_maps"] = n_valid
+    if return_predictions:
+        out["predictions"] = {"pred": cat["pred"].tolist(), "label": cat["label"].tolist(),
+                              "valid": cat["valid"].tolist(),
+                              "att_cos": {n: c.tolist() for n, c in zip(core.tap_names, cat_cos)}}
+    return out
 
 
 # --------------------------------------------------------------------------- command line

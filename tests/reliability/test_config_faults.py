@@ -70,7 +70,7 @@ def test_bad_flags_on_the_command_line_exit_2_before_any_work(tmp_path, no_work,
 
 @NO_GPU
 def test_cuda_on_a_machine_without_gpu(tmp_path, no_work, capsys):
-    with pytest.raises(ConfigError, match="no CUDA GPU is available; use device='auto' or 'cpu'"):
+    with pytest.raises(ConfigError, match="no CUDA GPU is available; valid choices here: auto, cpu"):
         TrainConfig(**{**base_kwargs(tmp_path / "run"), "device": "cuda"})
     assert main(["--device", "cuda", "--out-dir", str(tmp_path / "run")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
