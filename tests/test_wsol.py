@@ -107,3 +107,27 @@ def test_cutmix_pastes_one_box_into_images_and_au_maps_and_mixes_labels_by_area(
     assert torch.equal(mixed[:, 0][pasted], images[perm][:, 0][pasted])  # the box comes from the partner
     assert torch.equal(mixed_has, has & has[perm])
     assert ((mixed_maps != maps).float().mean(dim=(1, 2, 3))[moved] > 0).all()  # the AU maps get the same box
+
+
+@pytest.mark.parametrize("method", ["acol", "cutmix"])
+def test_the_training_step_adds_the_methods_own_objectives(method, monkeypatch):
+    from fer_lib.training.losses import AUGuidedLoss
+    from fer_lib.training.step import AUGuidedStep
+
+    model = small(method).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = AUGuidedStep(model, opt, criterion=AUGuidedLoss(au_weight=0.0))
+    torch.manual_seed(5)
+    batch = (torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0]), torch.rand(4, 1, 64, 64), torch.ones(4).bool())
+    calls = []
+    if method == "cutmix":
+        model.net.mixing = (1.0, 1.0)  # mix every batch
+        real = AUGuidedStep.compute_loss.__globals__["cutmix_batch"]
+        monkeypatch.setitem(AUGuidedStep.compute_loss.__globals__, "cutmix_batch",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss, (logits, _, parts) = step.compute_loss(batch)
+    ce = float(F.cross_entropy(logits, batch[1]))
+    if method == "acol":  # CE of branch A + CE of the erased branch B
+        assert float(loss) == pytest.approx(ce + float(model.net.aux_loss(batch[1])), rel=1e-5)
+    else:
+        assert calls == [1] and float(loss) != pytest.approx(ce, rel=1e-6)

@@ -166,7 +166,10 @@ class CAMHead(nn.Module):
 
 
 class WSOLNet(nn.Module):
-    """A timm CNN trunk (its classifier removed) and a method's head; ADL layers on chosen trunk stages."""
+    """A timm CNN trunk (its classifier removed) and a method's head; ADL layers on chosen trunk stages;
+    `mixing` = (alpha, p) where the training step mixes batches (CutMix)."""
+
+    mixing: tuple[float, float] | None = None
 
     def __init__(self, trunk: nn.Module, head: nn.Module, adl_stages: Sequence[str] = ()):
         super().__init__()
@@ -254,6 +257,7 @@ def build(spec: ModelSpec) -> TappedModel:
     adl_stages = list(spec.options.get("adl_stages", _stages(spec.backbone)[-2:])) if method == "adl" else []
     net = WSOLNet(trunk, HEADS[method](in_channels, spec.num_classes),
                   adl_stages=[s[len("trunk."):] if s.startswith("trunk.") else s for s in adl_stages])
+    net.mixing = MIXING.get(method)
     config = {**plain.config, "backbone": spec.backbone, "tap_names": list(spec.tap_names)}
     return TappedModel(net, spec.tap_names, config)
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from fer_lib.models.wsol import cutmix_batch
 from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.utils import UserError, check_choice
 
@@ -189,9 +190,21 @@ class AUGuidedStep(TrainStep):
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, Any]:
         images, labels, au_maps, has_lm = batch
+        net = getattr(getattr(self.model, "module", self.model), "net", None)
+        mixing = getattr(net, "mixing", None) if self.model.training else None
+        mixed = None
+        if mixing is not None and float(torch.rand(())) < mixing[1]:  # CutMix (fer_lib.models.wsol)
+            images, au_maps, has_lm, perm, lam = cutmix_batch(images, au_maps, has_lm, alpha=mixing[0])
+            mixed = (perm, lam)
         with autocast(self.device(), self.settings.amp):
             logits, feats = self.model(images)
         loss, parts = self.criterion(logits, feats, labels, au_maps, has_lm)
+        if mixed is not None:  # labels mixed by area; the AU term is the same in both
+            perm, lam = mixed
+            loss = lam * loss + (1.0 - lam) * self.criterion(logits, feats, labels[perm], au_maps, has_lm)[0]
+        aux = net.aux_loss(labels) if hasattr(net, "aux_loss") else None  # a method's second objective (ACoL)
+        if aux is not None:
+            loss = loss + aux
         return loss, (logits, feats, parts)
 
     def describe(self, outputs: Any) -> str:
