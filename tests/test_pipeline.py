@@ -12,7 +12,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fer_lib.workflow import pipeline
+from fer_lib.workflow import pipeline, plan
 from fer_lib.utils import REPO_ROOT, ConfigError
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -51,7 +51,7 @@ def private_code_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     code = tmp_path / "code"
     code.mkdir()
     (code / "lib.py").write_text("VALUE = 1\n")
-    monkeypatch.setattr(pipeline, "CODE_DIRS", (code,))
+    monkeypatch.setattr(plan, "CODE_DIRS", (code,))   # code_fingerprint reads fer_lib.workflow.plan.CODE_DIRS
     return code
 
 
