@@ -82,60 +82,15 @@ from __future__ import annotations
 import sys
 
 from fer_lib.metrics import CAM_PREFERENCE, HEADLINE_PATHS, write_metrics
-from fer_lib.workflow.plan import (
-    CODE_DIRS,
-    DEFAULT_RESULTS,
-    EXPERIMENTS_DIR,
-    MARKER,
-    Experiment,
-    Run,
-    Stage,
-    available_experiments,
-    available_presets,
-    code_fingerprint,
-    describe_experiments,
-    experiment_from_dict,
-    is_complete,
-    load_experiment,
-    notebook_parameters,
-    parse_assignments,
-    parse_value,
-    plan_experiment,
-    read_marker,
-    resolve_experiment_path,
-)
-from fer_lib.workflow.report import (
-    ablation_summary,
-    collect_training_runs,
-    comparison_headline,
-    experiment_headline,
-    format_headline,
-    format_summary,
-    headline_split,
-    headline_table,
-    markdown_table,
-    render_notebooks,
-    training_headline_row,
-    write_index,
-    write_summary,
-)
-from fer_lib.workflow.run import (
-    BUSY_EXIT,
-    FAILED,
-    LOCK_NAME,
-    THREAD_VARS,
-    PipelineBusy,
-    RunOptions,
-    RunResult,
-    build_parser,
-    cpu_count,
-    execute_run,
-    experiment_lock,
-    gpu_ids,
-    main,
-    run_experiment,
-    worker_env,
-)
+from fer_lib.workflow.plan import (CODE_DIRS, DEFAULT_RESULTS, EXPERIMENTS_DIR, MARKER, Experiment, Run, Stage,
+    available_experiments, available_presets, code_fingerprint, describe_experiments, experiment_from_dict,
+    is_complete, load_experiment, notebook_parameters, parse_assignments, parse_value, plan_experiment, read_marker,
+    resolve_experiment_path)
+from fer_lib.workflow.report import (ablation_summary, collect_training_runs, comparison_headline,
+    experiment_headline, format_headline, format_summary, headline_split, headline_table, markdown_table,
+    render_notebooks, training_headline_row, write_index, write_summary)
+from fer_lib.workflow.run import (BUSY_EXIT, FAILED, LOCK_NAME, THREAD_VARS, PipelineBusy, RunOptions, RunResult,
+    build_parser, cpu_count, execute_run, experiment_lock, gpu_ids, main, run_experiment, worker_env)
 
 __all__ = [
     "BUSY_EXIT", "CAM_PREFERENCE", "CODE_DIRS", "DEFAULT_RESULTS", "EXPERIMENTS_DIR", "FAILED", "HEADLINE_PATHS",

@@ -241,20 +241,20 @@ class Run:
         return f"{self.stage}/{self.run_id}"
 
 
-def _is_path_key(key: str) -> bool:
+def is_path_key(key: str) -> bool:
     """Parameters whose relative values are paths (made absolute before reaching a notebook)."""
     return key in ("checkpoint", "weights") or key.endswith(PATH_SUFFIXES)
 
 
-def _portable(value: Any) -> Any:
+def portable_value(value: Any) -> Any:
     """Replace the repository root in strings by {repo}, so hashes survive moving the checkout."""
     root = str(REPO_ROOT)
     if isinstance(value, str):
         return value.replace(root, "{repo}")
     if isinstance(value, list):
-        return [_portable(v) for v in value]
+        return [portable_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
+        return {k: portable_value(v) for k, v in value.items()}
     return value
 
 
@@ -287,7 +287,7 @@ def _expand(stage: Stage) -> list[tuple[str | None, dict[str, Any]]]:
     return out
 
 
-class _Resolver:
+class Resolver:
     """Resolves placeholders against variables and the runs planned so far."""
 
     def __init__(self, experiment: Experiment, exp_dir: Path, plan: dict[str, list[Run]]):
@@ -386,7 +386,7 @@ def _absolutise(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         shipped_name = key.endswith("_checkpoint") and isinstance(value, str) and "/" not in value \
             and not (REPO_ROOT / value).exists()  # a shipped checkpoint's name, not a path
-        if _is_path_key(key) and isinstance(value, str) and value and not os.path.isabs(value) \
+        if is_path_key(key) and isinstance(value, str) and value and not os.path.isabs(value) \
                 and "://" not in value and not shipped_name:
             value = str((REPO_ROOT / value).resolve())
         out[key] = value
@@ -403,7 +403,7 @@ def plan_experiment(experiment: Experiment, results_root: str | os.PathLike = DE
                    if len({json.dumps(o.get(k), sort_keys=True) for _, o in expanded}) > 1]
         runs: list[Run] = []
         for run_name, overrides in expanded:
-            resolver = _Resolver(experiment, exp_dir, plan)
+            resolver = Resolver(experiment, exp_dir, plan)
             declared = notebook_parameters(stage.notebook)
             defaults = {k: v for k, v in experiment.defaults.items() if declared is None or k in declared}
             params = {"seed": experiment.seed, **defaults, **stage.parameters, **overrides}
@@ -413,7 +413,7 @@ def plan_experiment(experiment: Experiment, results_root: str | os.PathLike = DE
                                   f"parameters cell of {stage.notebook.name}; valid choices: "
                                   f"{', '.join(sorted(declared))}")
             params = _absolutise(resolver.resolve(params))
-            portable = _portable(params)
+            portable = portable_value(params)
             chash = config_hash({"notebook": stage.notebook.name, "parameters": portable}, length=8)
             readable = _slug(run_name) if run_name else "_".join(f"{k}={_slug(overrides.get(k))}" for k in varying)
             readable = readable[:80].strip("_-") or "run"

@@ -29,32 +29,11 @@ from tqdm.auto import tqdm
 from fer_lib.training.presets import parse_assignments
 from fer_lib.utils import REPO_ROOT, ConfigError, LockHeld, UserError, atomic_write_json, atomic_write_text, \
     file_lock, git_revision, run_cli
-from fer_lib.workflow.plan import (
-    DEFAULT_RESULTS,
-    MARKER,
-    Experiment,
-    Run,
-    Stage,
-    _is_path_key,
-    _portable,
-    _Resolver,
-    available_experiments,
-    code_fingerprint,
-    describe_experiments,
-    is_complete,
-    load_experiment,
-    plan_experiment,
-    read_marker,
-)
-from fer_lib.workflow.report import (
-    experiment_headline,
-    format_headline,
-    format_summary,
-    headline_split,
-    render_notebooks,
-    write_index,
-    write_summary,
-)
+from fer_lib.workflow.plan import (DEFAULT_RESULTS, MARKER, Experiment, Run, Stage, is_path_key, portable_value,
+    Resolver, available_experiments, code_fingerprint, describe_experiments, is_complete, load_experiment,
+    plan_experiment, read_marker)
+from fer_lib.workflow.report import (experiment_headline, format_headline, format_summary, headline_split,
+    render_notebooks, write_index, write_summary)
 
 LOCK_NAME = ".pipeline.lock"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -414,7 +393,7 @@ def _blocker(run: Run, plan: dict[str, list[Run]], status_of: dict[tuple[str, st
 def _write_experiment_info(experiment: Experiment, exp_dir: Path, plan: dict[str, list[Run]]) -> None:
     """experiment.json: stage order and headline runs, read later by the index builder."""
     headline: dict[str, str] = {}
-    resolver = _Resolver(experiment, exp_dir, plan)
+    resolver = Resolver(experiment, exp_dir, plan)
     for key, ref in experiment.headline.items():
         headline[key] = os.path.relpath(resolver.resolve(ref), exp_dir)
     try:
@@ -423,7 +402,7 @@ def _write_experiment_info(experiment: Experiment, exp_dir: Path, plan: dict[str
         source = str(experiment.source)
     atomic_write_json(exp_dir / "experiment.json", {
         "name": experiment.name, "description": experiment.description, "source": source,
-        "seed": experiment.seed, "variables": _portable(experiment.variables),
+        "seed": experiment.seed, "variables": portable_value(experiment.variables),
         "stages": [{"name": s.name, "output": s.output, "notebook": s.notebook.name,
                     "description": s.description} for s in experiment.stages],
         "headline": headline,
@@ -479,7 +458,7 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
     """--set NAME=VALUE items; relative paths given on the command line are taken from the current folder."""
     overrides = parse_assignments(items)
     for key, parsed in overrides.items():
-        if _is_path_key(key) and isinstance(parsed, str) and parsed and not os.path.isabs(parsed):
+        if is_path_key(key) and isinstance(parsed, str) and parsed and not os.path.isabs(parsed):
             overrides[key] = str(Path(parsed).resolve())
     return overrides
 
