@@ -3,8 +3,9 @@
 An experiment file (TOML, in experiments/) lists ordered stages; each stage runs one notebook
 over a set of configurations and writes, per configuration, into
 `results/<experiment>/<stage>/<run-id>/`: the executed notebook, the notebook's own
-`metrics.json` (and figures), `run.log` (kernel output) and `run.json` (the completion marker:
-status, parameters, code version). Usage:
+`metrics.json` (and figures; written with `fer_lib.metrics.write_metrics` in the one schema, which
+the headline reads at one key path per number), `run.log` (kernel output) and `run.json` (the
+completion marker: status, parameters, code version). Usage:
 
     python -m fer_lib pipeline experiments/main.toml --jobs 2      (= python -m fer_lib.workflow.pipeline)
     python -m fer_lib pipeline paper --set data_root=/data/rafdb --set dataset=rafdb
