@@ -98,3 +98,11 @@ def test_lab_command_opens_the_repo_on_loopback_with_the_project_kernel():
     assert ("--allow-root" in cmd) == (os.geteuid() == 0)
     with pytest.raises(SystemExit):
         jupyter.main(["kernel", "--bogus"])
+
+
+def test_current_parameters_are_the_notebooks_plain_values():
+    namespace = {"epochs": 3, "layers": "last", "data_root": None, "grid": [1, 2], "opts": {"a": 1}, "ok": True,
+                 "In": [""], "Out": {}, "_": 1, "_i1": "x", "__name__": "__main__", "get_ipython": print,
+                 "Path": os.PathLike, "json": json, "exit": object()}
+    assert jupyter.current_parameters(namespace) == {"epochs": 3, "layers": "last", "data_root": None,
+                                                     "grid": [1, 2], "opts": {"a": 1}, "ok": True}

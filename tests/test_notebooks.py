@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 
 import nbformat
+import numpy as np
 import pytest
 
 from conftest import REPO
+from fer_lib.metrics import METRICS_SCHEMA
+from fer_lib.training.train import TrainConfig
+from fer_lib.utils import ConfigError, config_hash
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -45,6 +49,7 @@ def test_notebook01_smoke(tmp_path):
     assert metrics["n_landmarks"] == 478
     assert metrics["expressions"]["happiness"]["aus"] == [6, 12, 25]
     assert metrics["run"]["config"]["size"] == 64
+    assert metrics["schema"] == METRICS_SCHEMA and metrics["kind"] == "heatmaps"
     for figure in ("landmarks.png", "au_maps_happiness.png", "expression_heatmaps.png"):
         assert (out_dir / figure).stat().st_size > 1000
 
@@ -71,7 +76,21 @@ def test_notebook06_smoke_lnlattennet_vs_plain(tmp_path):
     nb = run_notebook("06_local_nonlocal.ipynb", tmp_path, image_size=64, n_per_class=10, epochs=1,
                       output_dir=str(out_dir))
     assert not _errors(nb)
-    assert json.loads((out_dir / "metrics.json").read_text())["run"]["git_revision"]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["run"]["git_revision"]
+    assert metrics["schema"] == METRICS_SCHEMA and metrics["kind"] == "local_nonlocal"
+    runs = {row["run"]: row for row in metrics["accuracy_cost"]}
+    assert set(runs) == {"plain", "LNL", "LNL+AU"}
+    for row in runs.values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["params_M"] > 0 and row["train_time_s"] > 0
+    assert runs["LNL+AU"]["au_weight"] == 1.0 and runs["plain"]["au_weight"] == 0.0
+    assert metrics["speed_ratio_lnl_over_plain"]["inference"] > 0
+    # region weights are a softmax over the 16 cells of each image, so each class mean sums to 1
+    for role, grids in metrics["class_mean_region_weights"].items():
+        for name, grid in grids.items():
+            assert np.asarray(grid).shape == (4, 4) and abs(float(np.sum(grid)) - 1.0) < 0.01, (role, name)
+    for role in ("LNL", "LNL_AU"):
+        assert (out_dir / f"region_weights_{role}.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -81,3 +100,38 @@ def test_notebook09_smoke_explanations(tmp_path):
                       output_dir=str(out_dir))
     assert not _errors(nb)
     assert json.loads((out_dir / "metrics.json").read_text())["run"]["git_revision"]
+
+
+# Notebook 02's parameters as papermill gives them (the pipeline's main job passes the `main` values).
+NB02 = dict(preset="", dataset="synthetic", data_root=None, backbone="resnet18", au_weight=9.0, au_loss="cosine",
+            layers="last", epochs=3, image_size=64, batch_size=32, lr=0.01, optimizer="sgd", weight_decay=5e-4,
+            weights="", seed=0, device="auto", landmarks="ground_truth", n_per_class=40, spurious_p=0.0,
+            max_steps_per_epoch=None, num_examples=6, output_dir="results/02_train")
+MAIN = dict(n_per_class=150, landmarks="detect", epochs=6, image_size=96, optimizer="adamw", lr=0.002,
+            weight_decay=0.05, device="cpu")
+
+
+@pytest.mark.parametrize("params", [NB02, {**NB02, **MAIN, "au_weight": 0}, {**NB02, **MAIN, "layers": "-2"},
+                                    {**NB02, **MAIN, "backbone": "deit_tiny_patch16_224", "lr": 0.001},
+                                    {**NB02, "dataset": "fer2013", "layers": "3,4", "max_steps_per_epoch": 2}])
+def test_train_config_from_notebook_parameters_is_the_hand_built_one(params):
+    """TrainConfig.from_params gives notebook 02 exactly the config it built field by field before
+    (same run identity, so the same results and resumable runs)."""
+    g = params
+    by_hand = TrainConfig(
+        dataset=g["dataset"], data_root=g["data_root"],
+        dataset_kwargs={"n_per_class": g["n_per_class"], "spurious_p": float(g["spurious_p"])} if g["dataset"] == "synthetic" else {},
+        landmarks=g["landmarks"], backbone=g["backbone"], layers=tuple(s.strip() for s in str(g["layers"]).split(",")),
+        au_weight=float(g["au_weight"]), au_loss=g["au_loss"], epochs=int(g["epochs"]), image_size=int(g["image_size"]),
+        batch_size=int(g["batch_size"]), lr=float(g["lr"]), optimizer=g["optimizer"], weight_decay=float(g["weight_decay"]),
+        pretrained=bool(g["weights"]), weights=g["weights"] or None, seed=int(g["seed"]), device=g["device"],
+        max_steps_per_epoch=g["max_steps_per_epoch"], out_dir="out/run")
+    config = TrainConfig.from_params({**params, "out_dir": "out/run"})
+    assert config == by_hand and repr(config.to_dict()) == repr(by_hand.to_dict())
+    assert config_hash(config.identity()) == config_hash(by_hand.identity())
+
+
+def test_train_config_from_params_refuses_unknown_names():
+    with pytest.raises(ConfigError, match="unknown parameter.*epochz"):
+        TrainConfig.from_params({**NB02, "epochz": 3})
+    assert TrainConfig.from_params({"epochs": 2.0, "au_weight": 1, "output_dir": "x"}).epochs == 2

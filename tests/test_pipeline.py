@@ -12,7 +12,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fer_lib.workflow import pipeline
+from fer_lib.workflow import pipeline, plan
+from fer_lib.metrics import METRICS_SCHEMA, check_metrics, write_metrics
+from fer_lib.training import presets
 from fer_lib.utils import REPO_ROOT, ConfigError
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -51,7 +53,7 @@ def private_code_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     code = tmp_path / "code"
     code.mkdir()
     (code / "lib.py").write_text("VALUE = 1\n")
-    monkeypatch.setattr(pipeline, "CODE_DIRS", (code,))
+    monkeypatch.setattr(plan, "CODE_DIRS", (code,))   # code_fingerprint reads fer_lib.workflow.plan.CODE_DIRS
     return code
 
 
@@ -389,6 +391,9 @@ def test_real_training_notebook_through_the_runner(tmp_path: Path) -> None:
     assert (Path(results[0].run_dir) / "run" / "checkpoints" / "best.pt").exists()
     ablation = json.loads((Path(results[1].run_dir) / "metrics.json").read_text())
     assert ablation["n_runs"] == 1
+    # both notebooks write the schema; 02 draws its attention overlays through interpret.overlay_figure
+    assert (metrics["schema"], metrics["kind"], ablation["kind"]) == (METRICS_SCHEMA, "training", "ablation")
+    assert (Path(results[0].run_dir) / "attention_examples.png").stat().st_size > 1000
 
 
 def test_defaults_go_only_to_notebooks_that_declare_them(tmp_path: Path, square_nb: Path) -> None:
@@ -404,3 +409,52 @@ def test_undeclared_parameter_is_refused(tmp_path: Path, square_nb: Path) -> Non
     data = {"stage": [{"name": "sq", "notebook": str(square_nb), "grid": {"x": [1], "y_typo": [2]}}]}
     with pytest.raises(ConfigError, match="y_typo not declared .*valid choices: output_dir, seed, upstream, x"):
         pipeline.plan_experiment(pipeline.experiment_from_dict(data), tmp_path / "res")
+
+
+def test_metrics_schema_one_key_path_per_headline_number(tmp_path: Path) -> None:
+    base = fake_training_metrics(0, 0.80, 0.30)
+    path = write_metrics(tmp_path, base, kind="training")
+    written = json.loads(path.read_text())
+    assert list(written)[:2] == ["schema", "kind"] and written["schema"] == METRICS_SCHEMA
+    assert written["test"] == base["test"]
+    with pytest.raises(ValueError, match=r"test\.accuracy"):
+        write_metrics(tmp_path, {**base, "test": {**base["test"], "accuracy": "high"}}, kind="training")
+    with pytest.raises(ValueError, match=r"guided\.cam_cos"):
+        check_metrics({"guided": {"cam_cos": "n/a"}}, "interpret")
+    with pytest.raises(ConfigError, match="metrics kind"):
+        write_metrics(tmp_path, base, kind="nonsense")
+    # CAM-COS is read at <role>.cam_cos only: other spellings are not part of the schema
+    guided = fake_training_metrics(9, 0.82, 0.85)
+    stray = pipeline.headline_table(base, guided, {"models": {"guided": {"cam_cos": 0.9}}, "guided": {"cam_cos_mean": 0.9}})
+    assert stray["CAM-COS"].isna().all()
+    table = pipeline.headline_table(base, guided, {"guided": {"cam_cos": 0.61, "att_cos_mean": 0.1}})
+    assert table["CAM-COS"][1] == pytest.approx(0.61) and table["ATT-COS"][1] == pytest.approx(0.85)
+    # a comparison row (notebook 08): cam_cos, else its first cam_cos_<method> column
+    rows = {"comparison": [{"model": "a", "accuracy": 0.6, "cam_cos": 0.3, "cam_cos_gradcam": 0.2},
+                           {"model": "b", "accuracy": 0.7, "cam_cos_gradcam": 0.25, "train_time_s": 12.34}]}
+    assert pipeline.comparison_headline(rows)["CAM-COS"].tolist() == pytest.approx([0.3, 0.25])
+
+
+def test_one_set_syntax_for_experiments_and_training_recipes() -> None:
+    assert pipeline.parse_value is presets.parse_value
+    cases = {"2": 2, "0.5": 0.5, "true": True, "[1, 2]": [1, 2], '"x y"': "x y", "word": "word",
+             "/data/raf": "/data/raf", "{a = 1}": {"a": 1}, '{"a": 1}': {"a": 1}, "null": None, "1e-3": 0.001}
+    assert {text: presets.parse_value(text) for text in cases} == cases
+    assert presets.parse_assignments(["epochs=3", "layers=[\"last\", 3]"]) == {"epochs": 3, "layers": ["last", 3]}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        presets.parse_assignments(["epochs"])
+    # the two namespaces: training recipes and experiments, each listed under its name
+    assert presets.RECIPES is presets.PRESETS and presets.recipe is presets.preset
+    assert {"main", "paper"} <= set(pipeline.available_experiments()) == set(pipeline.available_presets())
+    assert not set(presets.RECIPES) & set(pipeline.available_experiments())
+    listed = subprocess.run([sys.executable, "-m", "fer_lib", "pipeline", "--list-experiments"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.startswith("experiments") and " main " in listed.stdout
+    recipes = subprocess.run([sys.executable, "-m", "fer_lib.presets", "--list"], capture_output=True, text=True,
+                             cwd=REPO_ROOT, timeout=120)
+    assert recipes.returncode == 0 and recipes.stdout.startswith("training recipes") and "fer2013_lite0" in recipes.stdout
+    shown = subprocess.run([sys.executable, "-m", "fer_lib.training.presets", "synthetic_default", "--set", "epochs=3",
+                            "--set", "layers=[\"last\", 3]", "--set", "data_root=null"], capture_output=True, text=True,
+                           cwd=REPO_ROOT, timeout=120)
+    config = json.loads(shown.stdout)
+    assert (config["epochs"], config["layers"], config["data_root"]) == (3, ["last", 3], None)

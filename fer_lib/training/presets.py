@@ -1,16 +1,28 @@
-"""Named training presets: ready-made `TrainConfig`s for the datasets the project runs on.
+"""Training recipes: named, ready-made `TrainConfig`s for the datasets the project runs on.
 
-    from fer_lib.training.presets import preset
-    config = preset("fer2013_lite0", au_weight=9, out_dir="runs/fer_lite0")   # the shipped checkpoints' recipe
+The project has two kinds of named presets, and their names say which is which:
+
+* **recipes** (this module, `RECIPES`): one training run's `TrainConfig`, e.g. `fer2013_lite0`;
+  `python -m fer_lib.training.presets --list` lists them (`python -m fer_lib.presets` too).
+* **experiments** (`experiments/*.toml`, `fer_lib.workflow.plan.available_experiments`): a whole
+  pipeline of notebooks, e.g. `main`, `paper`; `python -m fer_lib pipeline --list-experiments`
+  lists them (`--preset NAME` is the pipeline's old spelling of an experiment name).
+
+Both command lines take `--set NAME=VALUE` with ONE syntax, `parse_value`: the value is read as a
+TOML value (2, 0.5, true, [1, 2], "x", {a = 1}), else as JSON (null, {"a": 1}), else kept as a string.
+
+    from fer_lib.training.presets import recipe
+    config = recipe("fer2013_lite0", au_weight=9, out_dir="runs/fer_lite0")   # the shipped checkpoints' recipe
     fer_lib.training.train.train(config)
 
 or from the command line: `python -m fer_lib.training.presets fer2013 --set epochs=5` prints the
-config as JSON (and `--list` lists the presets).
+config as JSON (and `--list` lists the recipes). `preset`, `preset_dict`, `PRESETS` and
+`list_presets` are the former names of `recipe`, `recipe_dict`, `RECIPES` and `list_recipes`.
 
-Each preset is a function returning a dict of `TrainConfig` fields; `preset(name, **overrides)`
+Each recipe is a function returning a dict of `TrainConfig` fields; `recipe(name, **overrides)`
 merges the overrides on top (unknown fields fail at once, listing the valid ones) and builds
 the validated `TrainConfig`. A dataset option override goes through `dataset_kwargs=` (merged
-key by key into the preset's own options).
+key by key into the recipe's own options).
 
 FER2013 (48x48 grayscale faces, `../shared/data/fer2013` when it exists, see its README):
 grayscale images are read as 3 equal channels (fer_lib.faces.landmarks.as_rgb_array), resized to the
@@ -28,8 +40,9 @@ import argparse
 import dataclasses
 import json
 import sys
+import tomllib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from fer_lib.data.dataset import DEFAULT_FER2013_ROOT, AugmentConfig
 from fer_lib.training.train import TrainConfig
@@ -110,28 +123,29 @@ def synthetic_default_preset(data_root: str | Path | None = None) -> dict[str, A
     }
 
 
-PRESETS: dict[str, Callable[..., dict[str, Any]]] = {
+RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
     "fer2013": fer2013_preset,
     "fer2013_lite0": fer2013_lite0_preset,
     "reference_readme": reference_readme_preset,
     "fer2013_cpu": fer2013_cpu_preset,
     "synthetic_default": synthetic_default_preset,
 }
+PRESETS = RECIPES   # the former name
 
 
-def list_presets() -> dict[str, str]:
-    """Preset name -> its one-line description."""
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in PRESETS.items()}
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> its one-line description."""
+    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in RECIPES.items()}
 
 
-def preset_dict(name: str, data_root: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
-    """The preset's TrainConfig fields with `overrides` merged in (dataset_kwargs merged key by key)."""
-    check_choice("preset", name, tuple(PRESETS))
-    cfg = PRESETS[name](data_root)
+def recipe_dict(name: str, data_root: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """The recipe's TrainConfig fields with `overrides` merged in (dataset_kwargs merged key by key)."""
+    check_choice("training recipe", name, tuple(RECIPES))
+    cfg = RECIPES[name](data_root)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ConfigError(f"unknown TrainConfig field(s) {unknown} for preset {name!r}; valid: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown TrainConfig field(s) {unknown} for recipe {name!r}; valid: {', '.join(sorted(fields))}")
     extra = overrides.pop("dataset_kwargs", None)
     if extra is not None:
         if not isinstance(extra, dict):
@@ -141,25 +155,51 @@ def preset_dict(name: str, data_root: str | Path | None = None, **overrides: Any
     return cfg
 
 
-def preset(name: str, data_root: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A validated TrainConfig from the named preset, with `overrides` (TrainConfig fields) applied."""
-    return TrainConfig(**preset_dict(name, data_root, **overrides))
+def recipe(name: str, data_root: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A validated TrainConfig from the named recipe, with `overrides` (TrainConfig fields) applied."""
+    return TrainConfig(**recipe_dict(name, data_root, **overrides))
 
 
-def _parse_value(text: str) -> Any:
+# the former names (notebooks, scripts and tests import them)
+list_presets, preset_dict, preset = list_recipes, recipe_dict, recipe
+
+
+# --------------------------------------------------------------------------- --set, for every command line
+def parse_value(text: str) -> Any:
+    """The project's one `--set` value syntax: a TOML value (2, 0.5, true, [1, 2], "x", {a = 1}),
+    else a JSON value (null, {"a": 1}), else the text itself (bare words stay strings)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
     try:
         return json.loads(text)
     except ValueError:
         return text
 
 
+def parse_assignments(items: Iterable[str], option: str = "--set") -> dict[str, Any]:
+    """`NAME=VALUE` strings (repeated --set options) -> {NAME: parse_value(VALUE)}; ConfigError otherwise."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{option} {item!r}: expected NAME=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print a preset's TrainConfig as JSON (`--set field=value` overrides, JSON values accepted)."""
-    parser = argparse.ArgumentParser(prog="python -m fer_lib.training.presets", description=__doc__.split("\n")[0])
-    parser.add_argument("name", nargs="?", help=f"one of: {', '.join(PRESETS)}")
+    """Print a recipe's TrainConfig as JSON (`--set field=value` overrides, values as `parse_value` reads them)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fer_lib.training.presets", description=__doc__.split("\n")[0],
+        epilog="Experiments (whole notebook pipelines, experiments/*.toml) are another namespace: "
+               "python -m fer_lib pipeline --list-experiments.")
+    parser.add_argument("name", nargs="?", help=f"training recipe, one of: {', '.join(RECIPES)}")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--list", action="store_true", help="list the presets")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a TrainConfig field (value: TOML, else JSON, else a string)")
+    parser.add_argument("--list", action="store_true", help="list the training recipes")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     return run_cli(lambda: _main(args), args.debug)
@@ -167,16 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.list or not args.name:
-        for name, doc in list_presets().items():
-            print(f"{name:18s} {doc}")
+        print("training recipes (python -m fer_lib.training.presets NAME; experiments: "
+              "python -m fer_lib pipeline --list-experiments):")
+        for name, doc in list_recipes().items():
+            print(f"  {name:18s} {doc}")
         return 0
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set needs FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value)
-    config = preset(args.name, args.data_root, **overrides)
+    overrides = parse_assignments(args.set)
+    data_root = overrides.pop("data_root", args.data_root)   # --set data_root=... is --data-root
+    config = recipe(args.name, data_root, **overrides)
     print(json.dumps(config.to_dict(), indent=2, default=str))
     return 0
 

@@ -164,6 +164,42 @@ class TrainConfig:
         plain = json.loads(json.dumps(self.to_dict(), default=str))  # tuples -> lists, as in config.json
         return {k: v for k, v in plain.items() if k not in _IDENTITY_IGNORED}
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
+        """A TrainConfig from a notebook's parameters (papermill), in one call.
+
+        Fields are taken by name, as notebooks spell them: numbers converted to the field's type,
+        `layers="a,b"` split into a tuple, `weights=""` meaning none (and `pretrained` = bool(weights)
+        unless given); `n_per_class` and `spurious_p` become the synthetic set's dataset_kwargs (unless
+        dataset_kwargs is given). The known notebook-only parameters `output_dir`, `preset` and
+        `num_examples` are ignored; any other name that is not a field is an error (a typo).
+        """
+        notebook_only, dataset_keys = {"output_dir", "preset", "num_examples"}, ("n_per_class", "spurious_p")
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields) - notebook_only - set(dataset_keys))
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}: not TrainConfig fields ({', '.join(fields)}) "
+                              f"nor notebook parameters ({', '.join(sorted(notebook_only.union(dataset_keys)))})")
+        kwargs: dict[str, Any] = {}
+        for name, value in ((k, v) for k, v in params.items() if k in fields):
+            kind = fields[name].replace(" | None", "")
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind == "float" and numeric:
+                value = float(value)
+            elif kind == "int" and numeric and float(value) == int(float(value)):
+                value = int(float(value))
+            kwargs[name] = value
+        if isinstance(kwargs.get("layers"), str):
+            kwargs["layers"] = tuple(s.strip() for s in kwargs["layers"].split(","))
+        if "weights" in kwargs:
+            kwargs["weights"] = kwargs["weights"] or None
+            kwargs.setdefault("pretrained", bool(kwargs["weights"]))
+        if "dataset_kwargs" not in kwargs:
+            synthetic = kwargs.get("dataset", cls.dataset) == "synthetic"
+            kwargs["dataset_kwargs"] = {k: (float(params[k]) if k == "spurious_p" else params[k])
+                                        for k in dataset_keys if k in params and synthetic}
+        return cls(**kwargs)
+
 
 def _dataset_names() -> Sequence[str] | None:
     for attr in ("DATASETS", "DATASET_NAMES"):

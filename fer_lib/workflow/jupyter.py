@@ -10,6 +10,9 @@ them with `-k python3` (the environment's own default kernel), which needs no re
     python -m fer_lib.workflow.jupyter kernel         # register (or refresh) the kernel only
     python -m fer_lib.workflow.jupyter notebooks      # write the kernelspec into notebooks/*.ipynb metadata
     python -m fer_lib.workflow.jupyter notebooks --check   # exit 1 listing notebooks that lack it
+
+Inside a notebook, `current_parameters(globals())` returns its papermill parameters as one mapping
+(e.g. for `TrainConfig.from_params`).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from fer_lib.utils import REPO_ROOT, atomic_write_text
 
@@ -30,6 +33,18 @@ KERNEL_DISPLAY_NAME = "fer-au (.venv)"
 NOTEBOOK_KERNELSPEC: dict[str, str] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY_NAME,
                                        "language": "python"}
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+#: names IPython itself puts into a notebook's namespace
+IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open", "display"})
+#: the types a papermill parameter can have (what the parameters cell and TOML give)
+PARAMETER_TYPES = (str, int, float, bool, type(None), list, dict, tuple)
+
+
+def current_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """A running notebook's parameters, from `globals()`: its plain values (str, numbers, bool, None,
+    lists, dicts) whose names do not start with "_", IPython's own names left out. Call it in the cell
+    after the parameters cell, before that cell defines any plain value of its own (imports are fine)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in IPYTHON_NAMES and isinstance(v, PARAMETER_TYPES)}
 
 
 def kernel_dir(prefix: str | os.PathLike | None = None) -> Path:
