@@ -8,7 +8,7 @@ COMMANDS = {
     "train": "fer_lib.training.train", "evaluate": "fer_lib.analysis.evaluate",
     "explain": "fer_lib.analysis.explain", "explore": "fer_lib.analysis.explore",
     "pipeline": "fer_lib.workflow.pipeline", "jupyter": "fer_lib.workflow.jupyter",
-    "checkpoints": "fer_lib.models.checkpoints", "peer": "fer_lib.models.peer",
+    "checkpoints": "fer_lib.models.checkpoints", "peer": "fer_lib.models.peer", "presets": "fer_lib.training.presets",
 }
 
 if __name__ == "__main__":
