@@ -422,6 +422,39 @@ for _source in (
 DATASETS: tuple[str, ...] = tuple(list_datasets())
 
 
+def _attach_landmarks(records: list[Record], name: str, landmarks: str, cache_dir: str | os.PathLike | None,
+                      progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Anchors on the records as `landmarks` asks; returns (detection stats, the synthetic set's error report)."""
+    if landmarks == "ground_truth":
+        for r in records:
+            r.anchors = np.asarray(r.meta["true_anchors"], np.float32)
+            r.has_landmarks = True
+        return {}, {}
+    if landmarks != "detect":
+        for r in records:
+            r.anchors, r.has_landmarks = None, False
+        return {}, {}
+    stats = attach_detected_landmarks(records, cache_dir, progress=progress)
+    if name != "synthetic":
+        return stats, {}
+    pred = np.stack([r.anchors if r.has_landmarks else np.full((len(ANCHORS), 2), np.nan, np.float32)
+                     for r in records]) if records else np.zeros((0, len(ANCHORS), 2))
+    true = np.stack([r.meta["true_anchors"] for r in records]) if records else pred
+    return stats, landmark_error_report(pred, true)
+
+
+def _write_data_summary(output_dir: Path, name: str, out: dict[str, FERDataset], index: DatasetIndex,
+                        landmarks: str, landmark_stats: dict[str, Any], report: dict[str, Any]) -> None:
+    """skipped_<split>.csv per split and data_summary.json (counts, skips, landmark statistics)."""
+    for split, ds in out.items():
+        ds.write_skipped(output_dir / f"skipped_{split}.csv")
+    atomic_write_json(output_dir / "data_summary.json", {
+        "dataset": name, "class_names": index.class_names, "counts": {s: len(d) for s, d in out.items()},
+        "skipped": {s: len(d.skipped) for s, d in out.items()}, "index_stats": index.stats,
+        "landmarks": landmarks, "landmark_stats": landmark_stats, "landmark_report": report,
+    })
+
+
 def build_datasets(name: str, root: str | os.PathLike | None = None, image_size: int = 112, seed: int = 0,
                    landmarks: str = "detect", cache_dir: str | os.PathLike | None = None, augment: bool = True,
                    **dataset_kwargs: Any) -> dict[str, FERDataset]:
@@ -461,22 +494,7 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
     if common.get("validate", True):
         records, bad = validate_records(records, progress=progress, desc=f"{name}: checking images")
     bad_paths = dict(bad)
-    landmark_stats: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    if landmarks == "detect":
-        landmark_stats = attach_detected_landmarks(records, cache_dir, progress=progress)
-        if name == "synthetic":
-            pred = np.stack([r.anchors if r.has_landmarks else np.full((len(ANCHORS), 2), np.nan, np.float32)
-                             for r in records]) if records else np.zeros((0, len(ANCHORS), 2))
-            true = np.stack([r.meta["true_anchors"] for r in records]) if records else pred
-            report = landmark_error_report(pred, true)
-    elif landmarks == "ground_truth":
-        for r in records:
-            r.anchors = np.asarray(r.meta["true_anchors"], np.float32)
-            r.has_landmarks = True
-    else:
-        for r in records:
-            r.anchors, r.has_landmarks = None, False
+    landmark_stats, report = _attach_landmarks(records, name, landmarks, cache_dir, progress)
     out: dict[str, FERDataset] = {}
     record_split = {r.path: r.split for r in index.records}
     for split in loaders.SPLITS:
@@ -494,14 +512,6 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
         out[split] = ds
     if not out:
         raise ConfigError(f"dataset {name!r} has no usable images after checks ({len(bad)} unreadable)")
-    output_dir = common.get("output_dir")
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        for split, ds in out.items():
-            ds.write_skipped(output_dir / f"skipped_{split}.csv")
-        atomic_write_json(output_dir / "data_summary.json", {
-            "dataset": name, "class_names": index.class_names, "counts": {s: len(d) for s, d in out.items()},
-            "skipped": {s: len(d.skipped) for s, d in out.items()}, "index_stats": index.stats,
-            "landmarks": landmarks, "landmark_stats": landmark_stats, "landmark_report": report,
-        })
+    if common.get("output_dir") is not None:
+        _write_data_summary(Path(common["output_dir"]), name, out, index, landmarks, landmark_stats, report)
     return out
