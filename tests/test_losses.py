@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fer_lib.training.losses import AU_LOSSES, AUGuidedLoss, alignment, resize_map, valid_map_mask
+from fer_lib.faces.au import valid_map_mask
+from fer_lib.training.losses import AU_LOSSES, AUGuidedLoss, alignment, resize_map
 from fer_lib.metrics import classification_metrics, map_cosine
 from fer_lib.utils import ConfigError
 

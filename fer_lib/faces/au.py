@@ -203,6 +203,11 @@ def all_au_heatmap(landmarks: FaceLandmarks | np.ndarray, size: int | Sequence[i
     return combine_aus(landmarks, ALL_AUS, size, sigma, sigma_mode)
 
 
+def valid_map_mask(au_maps, has_landmarks):
+    """(B,) True where an AU map can guide a model: landmarks found and a non-zero map (torch tensors)."""
+    return has_landmarks.bool().view(-1) & (au_maps.flatten(1).amax(dim=1) > 0)
+
+
 # --------------------------------------------------------------------------- batched (torch)
 @dataclass
 class BlobTable:

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fer_lib.faces.au import EXPRESSIONS
+from fer_lib.faces.au import EXPRESSIONS, valid_map_mask
 from fer_lib.models.checkpoints import load_file
 from fer_lib.models.registry import ModelFamily, ModelSpec, register_family
 from fer_lib.models.tapped import resolve_stage_names
@@ -454,7 +454,6 @@ def collect_region_weights(model: LNLAttenNet, dataset: Any, batch_size: int = 6
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from fer_lib.training.losses import valid_map_mask
 
     if not isinstance(model, LNLAttenNet):
         raise ConfigError(f"collect_region_weights needs an LNLAttenNet, got {type(model).__name__}")

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fer_lib.models import layer_attention
+from fer_lib.faces.au import valid_map_mask
 from fer_lib.utils import ConfigError, check_choice, check_number
 
 AU_LOSSES: tuple[str, ...] = ("cosine", "l1", "l2", "kl", "std_cosine")
@@ -94,11 +95,6 @@ def alignment(attention: torch.Tensor, target: torch.Tensor, kind: str = "cosine
     t = m.clamp_min(0) + _EPS
     t = t / t.sum(dim=1, keepdim=True)
     return (t * (t.log() - p.log())).sum(dim=1)
-
-
-def valid_map_mask(au_maps: torch.Tensor, has_landmarks: torch.Tensor) -> torch.Tensor:
-    """(B,) True where the AU map can guide the model: landmarks found and a non-zero map."""
-    return has_landmarks.bool().view(-1) & (au_maps.flatten(1).amax(dim=1) > 0)
 
 
 @dataclass

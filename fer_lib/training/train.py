@@ -48,12 +48,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from fer_lib import data as data_mod
-from fer_lib.faces.au import EXPRESSIONS
-from fer_lib.metrics import classification_metrics, map_cosine, protocol_note
+from fer_lib.faces.au import EXPRESSIONS, valid_map_mask
+from fer_lib.metrics import classification_metrics, map_cosine, protocol_note, write_metrics
 from fer_lib.models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
                             pretrained_normalisation, resolve_layers)
 from fer_lib.models.checkpoints import load_file, to_plain
-from fer_lib.training.losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss, valid_map_mask
+from fer_lib.training.losses import ATTENTIONS, AU_LOSSES, AU_RESIZES, AUGuidedLoss
 from fer_lib.training.runs import (DistContext, RunLockedError, all_reduce_sum, barrier, broadcast_object,
                                    check_run_identity, epoch_seed, gather_checksums, init_distributed,
                                    param_checksum, rng_state, run_lock, set_rng_state, unwrap, worker_init)
@@ -563,7 +563,7 @@ def _final_evaluation(run: _Run, datasets: dict[str, Dataset], progress: _Progre
     results["skipped_batches"] = sum(h["train"].get("skipped_batches", 0) for h in progress.history)
     results["data"] = data_summary
     if ctx.is_main:
-        atomic_write_json(run.out_dir / "metrics.json", results)
+        write_metrics(run.out_dir, results, kind="training")
     barrier(ctx)
     return results
 
