@@ -90,6 +90,7 @@ from fer_lib.utils import (ConfigError, atomic_write_bytes, atomic_write_csv, at
 #: the map name for the layer attention (mean over channels of a tapped stage)
 ATTENTION = "attention"
 #: every explanation map `explain_*` accepts: layer attention or a CAM method of fer_lib.analysis.interpret
+#: (as registered at import; check_map also accepts methods registered later)
 MAP_CHOICES: tuple[str, ...] = (ATTENTION, *CAM_METHODS)
 #: how a deleted region is filled
 FILL_MODES: tuple[str, ...] = ("mean", "blur")
@@ -109,7 +110,7 @@ def check_map(name: str | None) -> str:
     """'attention' (also for None / '') or a CAM method name; ConfigError listing the choices otherwise."""
     if name is None or str(name).strip() == "":
         return ATTENTION
-    return check_choice("explanation map", str(name).strip().lower(), MAP_CHOICES)
+    return check_choice("explanation map", str(name).strip().lower(), (ATTENTION, *CAM_METHODS))  # registry: live
 
 
 def check_threshold(threshold: float) -> float:
