@@ -10,8 +10,9 @@ from PIL import Image
 
 from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.data import AugmentConfig, build_datasets
-from fer_lib.analysis.evaluate import (comparison_frame, evaluate_checkpoint_on_data, format_table, main,
-                              make_synthetic_imagefolder, pair_deltas)
+from fer_lib.analysis.evaluate import (EvalOptions, comparison_frame, evaluate, format_table, main,
+                                      make_synthetic_imagefolder, pair_deltas)
+from fer_lib.analysis.interpret import CAMSettings
 from fer_lib.training.presets import PRESETS, FER2013_AUGMENT, list_presets, preset, preset_dict
 from fer_lib.utils import ConfigError
 
@@ -118,8 +119,8 @@ def test_evaluate_command_on_imagefolder(tiny_folder, tiny_checkpoint, tmp_path,
 
 
 def test_evaluate_plain_class_folder_uses_every_image(tiny_folder, tiny_checkpoint):
-    res = evaluate_checkpoint_on_data(tiny_checkpoint, tiny_folder["plain"], cam_methods=None,
-                                      cache_dir=str(tiny_folder["cache"]), progress=False)
+    res = evaluate(tiny_checkpoint, tiny_folder["plain"], CAMSettings(cam_methods="none", progress=False),
+                   EvalOptions(cache_dir=str(tiny_folder["cache"])))
     assert res["split"] == "all" and res["n"] == tiny_folder["n_plain"] and res["cam_cos"] == {}
 
 
@@ -139,20 +140,38 @@ def test_evaluate_bad_inputs_fail_clearly(tiny_folder, tiny_checkpoint, tmp_path
     assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "data not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="CAM method"):
-        evaluate_checkpoint_on_data(tiny_checkpoint, tiny_folder["root"], cam_methods="gradcamz")
+        evaluate(tiny_checkpoint, tiny_folder["root"], CAMSettings(cam_methods="gradcamz"))
 
 
 def test_evaluate_on_fer2013_subset(fer2013_root, tiny_checkpoint):
-    res = evaluate_checkpoint_on_data(tiny_checkpoint, fer2013_root, dataset="fer2013", split="val",
-                                      cam_methods=None, progress=False, dataset_kwargs={"max_per_class": 6})
+    res = evaluate(tiny_checkpoint, fer2013_root, CAMSettings(cam_methods="none", progress=False),
+                   EvalOptions(dataset="fer2013", split="val", dataset_kwargs={"max_per_class": 6}))
     assert res["n"] == 42 and res["dataset"] == "fer2013" and res["skipped"]["count"] == 0
     assert res["landmarks"]["n"] == 42 and res["landmarks"]["detection_rate"] > 0.5
     assert all(v["n"] == 6 for v in res["landmarks"]["per_class"].values())
 
 
+def test_evaluate_takes_a_model_and_a_dataset_object(tiny_folder, tiny_checkpoint):
+    from fer_lib.analysis.evaluate import load_eval_dataset
+    from fer_lib.models import load_checkpoint
+
+    model, ckpt = load_checkpoint(tiny_checkpoint)
+    options = EvalOptions(cache_dir=str(tiny_folder["cache"]))
+    ds, name, split = load_eval_dataset(model.config, ckpt.get("config"), tiny_folder["root"], options, progress=False)
+    by_path = evaluate(tiny_checkpoint, tiny_folder["root"], CAMSettings(cam_methods="gradcam", progress=False), options)
+    by_object = evaluate(model, ds, CAMSettings(cam_methods="gradcam", progress=False), options)
+    assert (name, split) == ("imagefolder", "val") and by_object["checkpoint"] is None
+    for key in ("n", "accuracy", "macro_f1", "att_cos", "cam_cos", "cam_n"):
+        assert by_object[key] == by_path[key], key
+    if by_path["n_valid_maps"]:
+        assert by_path.interpretability is not None and len(by_path.interpretability.predictions) == by_path["cam_n"]
+    with pytest.raises(ConfigError, match="batch_size"):
+        EvalOptions(batch_size=0)
+
+
 def test_comparison_table_and_deltas(tiny_folder, tiny_checkpoint):
-    res = evaluate_checkpoint_on_data(tiny_checkpoint, tiny_folder["plain"], cam_methods="gradcam",
-                                      cache_dir=str(tiny_folder["cache"]), progress=False)
+    res = evaluate(tiny_checkpoint, tiny_folder["plain"], CAMSettings(cam_methods="gradcam", progress=False),
+                   EvalOptions(cache_dir=str(tiny_folder["cache"])))
     shifted = json.loads(json.dumps(res))
     shifted["accuracy"] += 0.25
     shifted["att_cos_mean"] = (res["att_cos_mean"] or 0.0) + 0.5

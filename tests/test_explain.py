@@ -112,12 +112,13 @@ def test_empty_map_and_bad_inputs(face, masks):
 
 def test_explain_batch_and_outputs(tmp_path, face, tiny_model):
     rgb, anchors, x = X.model_input(face.image, face.anchors, tiny_model)
-    ev = X.explain_batch(tiny_model, x[None], anchors[None], "gradcam", rgb=rgb[None], sources=["face"])[0]
+    ev = X.explain_batch(tiny_model, x[None], anchors[None], X.ExplainSettings(map_name="gradcam"), rgb=rgb[None],
+                         sources=["face"])[0]
     assert ev.probabilities.shape == (len(EXPRESSIONS),) and ev.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
     assert ev.target == ev.predicted and ev.summary.startswith(EXPRESSIONS[ev.predicted])
     assert len(ev.table) == len(ALL_AUS) and list(ev.table["rank"]) == list(range(1, len(ALL_AUS) + 1))
     assert ev.table["evidence"].is_monotonic_decreasing
-    forced = X.explain_batch(tiny_model, x[None], anchors[None], target="anger")[0]
+    forced = X.explain_batch(tiny_model, x[None], anchors[None], X.ExplainSettings(target="anger"))[0]
     assert forced.target_name == "anger" and forced.map_name == "attention:layer4"
     assert set(forced.table.loc[forced.table["in_class"], "au"]) == {4, 5, 7, 10, 17, 23, 24, 25, 26}
     paths = ev.save(tmp_path, "face")
@@ -181,7 +182,7 @@ def test_deletion_is_deterministic_on_a_tiny_model(face, tiny_model):
     rgb, anchors, x = X.model_input(face.image, face.anchors, tiny_model)
     runs = []
     for _ in range(2):
-        ev = X.explain_batch(tiny_model, x[None], anchors[None], "gradcam")[0]
+        ev = X.explain_batch(tiny_model, x[None], anchors[None], X.ExplainSettings(map_name="gradcam"))[0]
         runs.append(X.deletion_test(tiny_model, x, ev, seed=3))
     a, b = runs
     assert a.drops == b.drops and a.regions == b.regions and a.order == b.order
@@ -209,17 +210,18 @@ def test_spearman_and_codebook_summaries():
     assert X.spearman_summary(frame)["per_image_mean"] == pytest.approx(-1.0)
     frame["evidence"] = [3.0 if au in (6, 12, 25) else 1.0 for au in frame["au"]]
     table = X.class_evidence(frame, "pred", EXPRESSIONS)
-    agree = X.codebook_agreement(table)
+    agree = X.codebook_evidence_agreement(table)
     assert agree.loc["happiness", "auc"] == pytest.approx(1.0)
     assert set(agree.loc["happiness", "top_aus"].split(",")) == {"6", "12", "25"}
 
 
-def test_evaluate_dataset_on_synthetic_faces(tmp_path, tiny_model):
+def test_au_evidence_report_on_synthetic_faces(tmp_path, tiny_model):
     from fer_lib.data import build_datasets
 
     ds = build_datasets("synthetic", image_size=SIZE, landmarks="ground_truth", augment=False, splits=["test"],
                         n_per_class={"train": 0, "val": 0, "test": 1}, progress=False)["test"]
-    rep = X.evaluate_dataset(tiny_model, ds, n_samples=4, map_name="gradcam", seed=0, progress=False, n_examples=1)
+    settings = X.ExplainSettings(map_name="gradcam", progress=False)
+    rep = X.au_evidence_report(tiny_model, ds, settings, n_samples=4, seed=0, n_examples=1)
     assert rep.summary["n_explained"] == 4 and len(rep.evidence) == 4 * len(ALL_AUS)
     assert rep.evidence["true_intensity"].notna().all()
     assert rep.summary["spearman"]["available"] and -1 <= rep.summary["spearman"]["pooled"] <= 1
@@ -233,8 +235,17 @@ def test_evaluate_dataset_on_synthetic_faces(tmp_path, tiny_model):
     for fig in (X.deletion_figure({"m": rep}, tmp_path / "d.png"), X.spearman_figure({"m": rep}, tmp_path / "s.png")):
         plt.close(fig)
     assert (tmp_path / "d.png").stat().st_size > 5000 and (tmp_path / "s.png").stat().st_size > 5000
-    again = X.evaluate_dataset(tiny_model, ds, n_samples=4, map_name="gradcam", seed=0, progress=False)
+    again = X.au_evidence_report(tiny_model, ds, settings, n_samples=4, seed=0)
     pd.testing.assert_frame_equal(rep.samples.drop(columns="summary"), again.samples.drop(columns="summary"))
+    quick = X.au_evidence_report(tiny_model, ds, settings, None, n_samples=4, seed=0)  # no deletion test
+    assert quick.summary["deletion"] == {"available": False} and len(quick.curves) == 0
+    pd.testing.assert_frame_equal(quick.evidence, rep.evidence)
+    for bad, match in (({"map_name": "nope"}, "attention"), ({"threshold": 1.5}, "threshold"),
+                       ({"scale": "log"}, "minmax"), ({"max_faces": 0}, "max_faces"), ({"crop_margin": 3}, "crop_margin")):
+        with pytest.raises(ConfigError, match=match):
+            X.ExplainSettings(**bad)
+    with pytest.raises(ConfigError, match="paint"):
+        X.DeletionSettings(fill="paint")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fer_lib.faces import au
-from fer_lib.analysis.explore import (Exploration, dataset_sample, explore, explore_sample, ipywidgets_available,
-                             load_model, sample_slider, to_input)
+from fer_lib.analysis.explore import (Exploration, ExploreSettings, dataset_sample, explore, explore_sample,
+                                     ipywidgets_available, load_model, sample_slider, to_input)
 from fer_lib.faces.landmarks import ANCHOR_INDEX
 from fer_lib.models import build_model
 from fer_lib.utils import ConfigError
@@ -46,7 +46,7 @@ def _panel(fig, label):
 
 def test_explore_astronaut_panels_probabilities_and_maps(checkpoint, astronaut, tmp_path):
     out = tmp_path / "explore.png"
-    fig, res = explore(checkpoint, astronaut, cam="gradcam", target="happiness", path=out)
+    fig, res = explore(checkpoint, astronaut, ExploreSettings(cam="gradcam", target="happiness"), path=out)
     assert isinstance(res, Exploration)
     assert [ax.get_label() for ax in fig.axes] == ["input", "probabilities", "au_map", "attention:layer3",
                                                    "attention:layer4", "cam"]
@@ -90,7 +90,7 @@ def test_explore_defaults_to_prediction_and_own_cam_without_crop(checkpoint, ast
     import PIL.Image
 
     PIL.Image.fromarray(astronaut).save(path)
-    fig, res = explore(str(checkpoint), path, cam="cam", crop_face=False, layers="last")
+    fig, res = explore(str(checkpoint), path, ExploreSettings(cam="cam", layers="last"), crop_face=False)
     assert res.explained == res.predicted and res.source == "astronaut.png"
     assert list(res.attention) == ["layer4"] and len(fig.axes) == 5
     if au.has_au_map(res.predicted_name):
@@ -98,14 +98,14 @@ def test_explore_defaults_to_prediction_and_own_cam_without_crop(checkpoint, ast
     else:
         assert res.au_map is not None and res.au_map.max() == 0 and np.isnan(res.cam_cos)
     # without the crop the face is a smaller part of the input: the anchors spread less
-    _, cropped = explore(checkpoint, path, cam="cam", layers="last")
+    _, cropped = explore(checkpoint, path, ExploreSettings(cam="cam", layers="last"))
     spread = lambda a: float(np.ptp(a[:, 0]))  # noqa: E731
     assert spread(res.anchors) < spread(cropped.anchors)
 
 
 def test_explore_without_a_face_has_no_au_map(checkpoint):
     blank = np.full((80, 80, 3), 127, np.uint8)
-    fig, res = explore(checkpoint, blank, cam="gradcam")
+    fig, res = explore(checkpoint, blank, ExploreSettings(cam="gradcam"))
     assert res.au_map is None and res.anchors is None
     assert any("no face found" in n for n in res.notes)
     assert all(np.isnan(v) for v in res.att_cos.values()) and np.isnan(res.cam_cos)
@@ -115,11 +115,11 @@ def test_explore_without_a_face_has_no_au_map(checkpoint):
 
 def test_bad_arguments_fail_with_the_valid_choices(checkpoint, astronaut):
     with pytest.raises(ConfigError, match="valid choices: .*gradcam"):
-        explore(checkpoint, astronaut, cam="nocam", landmarks=False)
+        explore(checkpoint, astronaut, ExploreSettings(cam="nocam"), landmarks=False)
     with pytest.raises(ConfigError, match="unknown class 'joy'.*happiness"):
-        explore(checkpoint, astronaut, target="joy", landmarks=False)
+        explore(checkpoint, astronaut, ExploreSettings(target="joy"), landmarks=False)
     with pytest.raises(ConfigError, match="tapped layers: layer3, layer4"):
-        explore(checkpoint, astronaut, layers=2, landmarks=False)
+        explore(checkpoint, astronaut, ExploreSettings(layers=2), landmarks=False)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         explore("/nonexistent/best.pt", astronaut)
     with pytest.raises(ConfigError, match="TappedModel"):
@@ -138,7 +138,7 @@ def synthetic_test(tmp_path_factory):
 def test_explore_sample_uses_the_dataset_landmarks_and_label(checkpoint, synthetic_test):
     index = next(i for i, r in enumerate(synthetic_test.records) if au.has_au_map(synthetic_test.class_names[r.label]))
     label = synthetic_test.records[index].label
-    fig, res = explore_sample(checkpoint, synthetic_test, index, target="label")
+    fig, res = explore_sample(checkpoint, synthetic_test, index, ExploreSettings(target="label"))
     assert res.label == label and res.explained == label and res.image.shape == (SIZE, SIZE, 3)
     np.testing.assert_allclose(res.anchors, synthetic_test.records[index].anchors)
     np.testing.assert_allclose(res.au_map, au.heatmap(res.anchors, synthetic_test.class_names[label], SIZE))
@@ -193,7 +193,7 @@ def test_sample_slider_needs_ipywidgets_and_redraws(checkpoint, synthetic_test, 
     monkeypatch.setitem(sys.modules, "ipywidgets", fake)
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda fig: shown.append(fig.axes[0].get_title()))
-    slider, _ = sample_slider(checkpoint, synthetic_test, indices=[2, 5], cam="gradcam")
+    slider, _ = sample_slider(checkpoint, synthetic_test, indices=[2, 5], settings=ExploreSettings(cam="gradcam"))
     assert slider.max == 1 and shown[-1].startswith("input (sample 2)")
     slider.set(1)
     assert shown[-1].startswith("input (sample 5)") and events == ["clear", "clear"]
@@ -204,13 +204,14 @@ def test_given_landmarks_skip_detection(checkpoint, astronaut, astronaut_landmar
         def detect(self, image):
             raise AssertionError("the detector must not run when landmarks are given")
 
-    _, detected = explore(checkpoint, astronaut, layers="last")
-    _, given = explore(checkpoint, astronaut, layers="last", landmarks=astronaut_landmarks, detector=NoDetector())
+    _, detected = explore(checkpoint, astronaut, ExploreSettings(layers="last"))
+    last = ExploreSettings(layers="last")
+    _, given = explore(checkpoint, astronaut, last, landmarks=astronaut_landmarks, detector=NoDetector())
     np.testing.assert_allclose(given.anchors, detected.anchors, atol=1e-6)
     np.testing.assert_array_equal(given.image, detected.image)
-    _, off = explore(checkpoint, astronaut, layers="last", landmarks=False, detector=NoDetector())
+    _, off = explore(checkpoint, astronaut, last, landmarks=False, detector=NoDetector())
     assert off.au_map is None and off.anchors is None and "landmarks disabled" in off.notes[0]
     # anchors alone (normalised on the photo) also crop: the face fills the input
-    _, anchors_only = explore(checkpoint, astronaut, layers="last", landmarks=astronaut_landmarks.anchors(),
+    _, anchors_only = explore(checkpoint, astronaut, last, landmarks=astronaut_landmarks.anchors(),
                               detector=NoDetector())
     assert np.ptp(anchors_only.anchors[:, 0]) > 0.5 > np.ptp(astronaut_landmarks.anchors()[:, 0])

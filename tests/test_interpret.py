@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fer_lib import interpret as I
+from fer_lib.analysis import evaluate as E
 from fer_lib.faces.au import EXPRESSIONS, render_heatmaps
 from fer_lib.faces.landmarks import ANCHORS
 from fer_lib.models import build_model
@@ -144,9 +145,9 @@ def test_minmax_scale_and_valid_mask():
 
 # ----------------------------------------------------------------------------- ATT-COS sanity
 def test_attention_equal_to_au_map_scores_one_and_shuffled_lower(map_data):
-    good = I.evaluate_interpretability(ProbeModel(), _loader(map_data), cam_methods=["cam"], progress=False)
-    bad = I.evaluate_interpretability(ProbeModel(shuffle=True), _loader(map_data), cam_methods=["cam"],
-                                      progress=False)
+    cams = I.CAMSettings(cam_methods=["cam"], progress=False)
+    good = I.evaluate_interpretability(ProbeModel(), _loader(map_data), cams)
+    bad = I.evaluate_interpretability(ProbeModel(shuffle=True), _loader(map_data), cams)
     expected_valid = int(map_data.valid.sum())
     assert expected_valid == len(map_data) - 2 - 1  # 2 neutral faces and 1 face without landmarks
     assert good.summary["n"] == len(map_data) and good.summary["n_valid"] == expected_valid
@@ -240,9 +241,10 @@ def test_unknown_cam_method_lists_valid_names():
 def test_faithfulness_tells_the_evidence_from_a_random_map(map_data):
     # the probe's evidence is the AU region itself (every logit grows with it), so removing it
     # first (MoRF) must hurt more than removing a random smooth region; its own CAM is the AU map
-    scores = I.faithfulness_scores(ProbeModel(), _loader(map_data), cam_methods=["cam"], score="logit",
-                                   metrics=["road_morf", "road_lerf", "road_combined", "cam_mult"],
-                                   percentiles=(50, 80), max_samples=6, progress=False, seed=0)
+    scores = I.faithfulness_scores(ProbeModel(), _loader(map_data),
+                                   I.CAMSettings(cam_methods=["cam"], max_samples=6, progress=False, seed=0),
+                                   score="logit", metrics=["road_morf", "road_lerf", "road_combined", "cam_mult"],
+                                   percentiles=(50, 80))
     table = I.faithfulness_table(scores)
     assert set(table.index) == {"cam", "au_prior", "random"}
     assert set(table.columns) == set(I.FAITHFULNESS_METRICS)
@@ -253,13 +255,14 @@ def test_faithfulness_tells_the_evidence_from_a_random_map(map_data):
 
 
 # ----------------------------------------------------------------------------- checkpoints and figures
-def test_evaluate_checkpoint_on_saved_model(tmp_path, map_data):
+def test_evaluate_entry_point_on_saved_model(tmp_path, map_data):
     torch.manual_seed(0)
     model = build_model("resnet18", image_size=SIZE, layers=("last",))
     path = tmp_path / "best.pt"
     torch.save({"model_state": model.state_dict(), "model_config": model.config}, path)
-    result = I.evaluate_checkpoint(path, map_data, cam_methods="cam,gradcam", max_samples=8, seed=3,
-                                   progress=False)
+    evaluation = E.evaluate(path, map_data, I.CAMSettings(cam_methods="cam,gradcam", max_samples=8, seed=3,
+                                                          progress=False))
+    result = evaluation.interpretability
     assert len(result.predictions) == 8
     assert set(result.predictions["sample"]) == set(I.subset_indices(len(map_data), 8, 3))
     assert set(result.summary["cam_cos"]) == {"cam", "gradcam"}
@@ -267,7 +270,7 @@ def test_evaluate_checkpoint_on_saved_model(tmp_path, map_data):
     paths = result.save(tmp_path / "out", prefix="base_")
     assert all(p.is_file() for p in paths.values())
     with pytest.raises(FileNotFoundError):
-        I.evaluate_checkpoint(tmp_path / "missing.pt", map_data)
+        E.evaluate(tmp_path / "missing.pt", map_data)
 
 
 def test_overlay_and_class_grid_figures(tmp_path, map_data):
@@ -276,7 +279,7 @@ def test_overlay_and_class_grid_figures(tmp_path, map_data):
     matplotlib.use("Agg")
     idx = I.select_per_class(map_data, per_class=2, seed=0, classes=[1, 3])
     assert len(idx) == 4 and all(map_data.records[i]["label"] in (1, 3) for i in idx)
-    maps = I.collect_sample_maps(ProbeModel(), map_data, idx, cam_methods=["cam", "gradcam"])
+    maps = I.collect_sample_maps(ProbeModel(), map_data, idx, I.CAMSettings(cam_methods=["cam", "gradcam"]))
     assert maps.images.shape == (4, SIZE, SIZE, 3) and maps.cams["cam"].shape == (4, SIZE, SIZE)
     assert np.allclose(maps.attention["feat"], maps.au_maps / maps.au_maps.reshape(4, -1).max(1)[:, None, None],
                        atol=1e-4)
@@ -286,3 +289,41 @@ def test_overlay_and_class_grid_figures(tmp_path, map_data):
     assert len(grid.axes) == 2 * 3 and (tmp_path / "grid.pdf").is_file()
     with pytest.raises(ConfigError, match="valid: au, feat, cam, gradcam"):
         I.class_grid_figure(maps, "scorecam")
+
+
+# ----------------------------------------------------------------------------- registry and settings
+def test_a_registered_cam_method_is_one_decorated_class(map_data):
+    from pytorch_grad_cam import GradCAM
+
+    @I.register_cam("gradcam_flat", default=False)
+    class FlatCAM(GradCAM):  # one overridden hook: every channel weighs the same
+        def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+            return np.ones(activations.shape[:2], dtype=np.float32)
+
+    try:
+        assert "gradcam_flat" in I.CAM_METHODS and "gradcam_flat" not in I.DEFAULT_CAM_METHODS
+        assert I.CAM_REGISTRY["gradcam_flat"].engine is FlatCAM and "gradcam_flat" in I.GRAD_CAM_METHODS
+        maps = I.compute_cams(ProbeModel(), torch.randn(2, 3, SIZE, SIZE), "gradcam_flat", torch.tensor([1, 3]))
+        assert maps.shape == (2, SIZE, SIZE) and 0.0 <= float(maps.min()) <= float(maps.max()) <= 1.0
+        with pytest.raises(ValueError, match="already registered"):
+            I.register_cam("gradcam_flat")(FlatCAM)
+    finally:
+        I.CAM_REGISTRY.pop("gradcam_flat", None)
+    assert "gradcam_flat" not in I.CAM_METHODS
+    assert list(I.DEFAULT_CAM_METHODS) == ["cam", "gradcam", "gradcam++", "layercam", "hirescam", "xgradcam",
+                                           "eigencam"]
+
+
+def test_cam_settings_validate_once_and_read_notebook_parameters():
+    s = I.CAMSettings(cam_methods="GradCAM, cam", layers=["last"], max_samples=5)
+    assert s.cam_methods == ("gradcam", "cam") and s.layers == ("last",) and s.target == "label"
+    assert I.CAMSettings(cam_methods="none").cam_methods == () and I.CAMSettings().cam_methods == tuple(
+        I.DEFAULT_CAM_METHODS)
+    for bad, match in (({"cam_methods": "gradcamz"}, "gradcam\\+\\+"), ({"target": "logits"}, "label, prediction"),
+                       ({"threshold": 1.0}, "threshold"), ({"device": "gpu0"}, "unknown device"),
+                       ({"max_samples": 0}, "max_samples"), ({"score_cam_batch_size": 1.5}, "score_cam_batch_size")):
+        with pytest.raises(ConfigError, match=match):
+            I.CAMSettings(**bad)
+    params = {"cam_methods": "cam", "seed": 4, "n_samples": 200, "output_dir": "x"}
+    assert I.CAMSettings.from_params(params, progress=False) == I.CAMSettings(cam_methods="cam", seed=4, progress=False)
+    assert s.replace(target="prediction").target == "prediction"

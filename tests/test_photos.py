@@ -198,7 +198,7 @@ def test_explain_images_explains_every_face_with_its_index_and_box(group_photo, 
     path, truth = group_photo
     model, _ = load_checkpoint(tiny_checkpoint)
     timings: dict = {}
-    results = X.explain_images(model, path, progress=False, max_faces=3, timings=timings)
+    results = X.explain_images(model, path, X.ExplainSettings(progress=False, max_faces=3), timings=timings)
     assert [r.face for r in results] == [0, 1, 2] and all(r.ok and r.n_faces == 3 for r in results)
     assert [r.evidence.face for r in results] == [0, 1, 2] and results[0].box == results[0].evidence.box
     assert results[0].evidence.to_frame()["face"].eq(0).all() and results[2].evidence.to_dict()["face"] == 2
@@ -276,10 +276,10 @@ def test_explain_expands_globs_and_refuses_empty_ones(tmp_path):
 def test_explore_a_group_photo_explains_each_face(group_photo, tiny_checkpoint, tmp_path):
     import matplotlib.pyplot as plt
 
-    from fer_lib.analysis.explore import explore, main
+    from fer_lib.analysis.explore import ExploreSettings, explore, main
 
     path, truth = group_photo
-    fig, res = explore(tiny_checkpoint, path, cam="gradcam", max_faces=2, path=tmp_path / "g.png")
+    fig, res = explore(tiny_checkpoint, path, ExploreSettings(cam="gradcam", max_faces=2), path=tmp_path / "g.png")
     assert [r.face for r in res.faces] == [0, 1] and res is res.faces[0] and res.box is not None
     labels = [ax.get_label() for ax in fig.axes]
     assert labels[0] == "faces" and "face1:cam" in labels

@@ -1,7 +1,15 @@
 """Evaluate any fer_lib checkpoint on any supported dataset: one command, no other configuration.
 
-    python -m fer_lib.analysis.evaluate --checkpoint runs/r18/checkpoints/best.pt --data ../shared/data/fer2013
-    python -m fer_lib.analysis.evaluate --checkpoint best.pt --data my_faces/ --cam-methods gradcam,cam --out eval.json
+    python -m fer_lib evaluate --checkpoint runs/r18/checkpoints/best.pt --data ../shared/data/fer2013
+    python -m fer_lib evaluate --checkpoint best.pt --data my_faces/ --cam-methods gradcam,cam --out eval.json
+
+    from fer_lib.analysis.evaluate import EvalOptions, evaluate
+    from fer_lib.analysis.interpret import CAMSettings
+    result = evaluate("fer2013_lite0_guided", "../shared/data/fer2013", CAMSettings(cam_methods="gradcam"))
+
+`evaluate` is the one evaluation entry point for a model on a dataset: the command line, the
+notebooks and fer_lib.analysis.explain's callers use it; it takes a TappedModel, a checkpoint
+path or a shipped name, and a data folder / file, a dataset object or nothing.
 
 The checkpoint carries everything needed to rebuild the model and read the data the way it
 was trained (backbone, tapped layers, image size, class order, normalisation:
@@ -12,7 +20,7 @@ Without `--data` the checkpoint's own training dataset is used (its full `--spli
 
 Reported: accuracy, macro-F1, per-class accuracy, confusion matrix (rows = true class),
 ATT-COS per tapped layer (fer_lib.training.train.evaluate), CAM-COS per CAM method on a seeded subset
-(fer_lib.analysis.interpret.evaluate_checkpoint; CAMs cost a backward pass each), and the landmark
+(fer_lib.analysis.interpret.evaluate_interpretability; CAMs cost a backward pass each), and the landmark
 detection rate overall and per class (MediaPipe through the on-disk cache). Map scores count
 only samples with a valid AU map (landmarks found and a class with AUs; neutral has none).
 Unreadable images are skipped, counted and listed with the reason. The JSON is written
@@ -24,38 +32,96 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from fer_lib.analysis.interpret import (OWN_CAM, CAMSettings, InterpretabilityResult, compute_cams,
+                                        evaluate_interpretability, faithfulness_scores, faithfulness_table,
+                                        make_loader, own_cam, subset_indices)
+from fer_lib.data import build_datasets, generate_sample
+from fer_lib.data.dataset import DATASETS
+from fer_lib.data.loaders import SPLIT_NAMES
 from fer_lib.metrics import protocol_note
-from fer_lib.utils import ConfigError, UserError, atomic_write_json, check_choice, repo_relative, run_cli, run_info
+from fer_lib.models import TappedModel, load_checkpoint
+from fer_lib.training.train import evaluate as train_evaluate
+from fer_lib.utils import (ConfigError, UserError, atomic_path, atomic_write_json, check_choice, check_number,
+                           repo_relative, run_cli, run_info)
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
 DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
 #: how many skipped items are listed by name in the JSON (all are counted)
 MAX_LISTED_SKIPPED = 50
+#: landmark modes of the evaluated data
+LANDMARK_MODES: tuple[str, ...] = ("detect", "ground_truth", "none")
 
 
 class EvaluationError(UserError, RuntimeError):
     """The checkpoint or the data cannot be evaluated (the message says why and what is accepted)."""
 
 
-def _load_model(checkpoint: str | Path, trust: bool = False):
-    """(model, checkpoint dict) from a checkpoint file or shipped name; files that are not plain data are
-    refused unless `trust` (fer_lib.models.checkpoints)."""
-    from fer_lib.models import load_checkpoint
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to read the data of an evaluation (the model and the CAM settings aside), validated when made.
 
+    dataset         how to read `data` (fer_lib.data datasets; default: a folder is an ImageFolder, a .csv a csv)
+    split           the split to evaluate where the data has splits (a plain class-folder tree is evaluated whole)
+    landmarks       detect (MediaPipe, cached), ground_truth (synthetic data only) or none (no AU maps, no CAMs)
+    cache_dir       landmark cache (default .cache/landmarks)
+    max_samples     evaluate a seeded subset of the split of this size (None: all of it)
+    batch_size      evaluation batch (CAM batches: at most 32)
+    dataset_kwargs  more options for fer_lib.data.build_datasets
+    faithfulness_samples      valid samples of the ROAD faithfulness table (0: none), from a seeded subset of
+                              twice as many of the whole split (fer_lib.analysis.interpret.faithfulness_scores)
+    faithfulness_percentiles  the ROAD percentiles
+    """
+
+    dataset: str | None = None
+    split: str = "val"
+    landmarks: str = "detect"
+    cache_dir: str | None = None
+    max_samples: int | None = None
+    batch_size: int = 64
+    dataset_kwargs: Mapping[str, Any] | None = None
+    faithfulness_samples: int = 0
+    faithfulness_percentiles: tuple[int, ...] = (20, 50, 80)
+
+    def __post_init__(self) -> None:
+        check_choice("landmarks", self.landmarks, LANDMARK_MODES)
+        check_number("faithfulness_samples", self.faithfulness_samples, integer=True, minimum=0)
+        object.__setattr__(self, "faithfulness_percentiles", tuple(int(p) for p in self.faithfulness_percentiles))
+        check_number("batch_size", self.batch_size, integer=True, minimum=1)
+        if self.max_samples is not None:
+            check_number("max_samples", self.max_samples, integer=True, minimum=1)
+
+
+class Evaluation(dict):
+    """What `evaluate` returns: the JSON-ready metrics (this dict, see the module docstring), plus
+    `interpretability`, the per-sample CAM/attention scores (fer_lib.analysis.interpret.InterpretabilityResult,
+    None without CAMs), and `faithfulness`, the tidy ROAD scores (a DataFrame, None unless asked for)."""
+
+    interpretability: InterpretabilityResult | None = None
+    faithfulness: Any = None
+
+
+def _model_and_checkpoint(model_or_checkpoint: Any, trust: bool) -> tuple[TappedModel, dict[str, Any], str | None]:
+    """(model, checkpoint dict, checkpoint name) from a TappedModel, a checkpoint file or a shipped name (through
+    fer_lib.models.load_checkpoint; files that are not plain data are refused unless `trust`)."""
+    if isinstance(model_or_checkpoint, torch.nn.Module):
+        return model_or_checkpoint, {}, None
     try:
-        return load_checkpoint(checkpoint, map_location="cpu", trust=trust)
+        model, ckpt = load_checkpoint(model_or_checkpoint, map_location="cpu", trust=trust)
     except ConfigError:  # not found, refused as unsafe, not a fer_lib checkpoint: the message says which
         raise
     except (ValueError, KeyError) as exc:
-        raise EvaluationError(f"{checkpoint} is not a fer_lib checkpoint: {exc}") from exc
+        raise EvaluationError(f"{model_or_checkpoint} is not a fer_lib checkpoint: {exc}") from exc
     except Exception as exc:  # a state dict that does not fit the recorded architecture, ...
-        raise EvaluationError(f"could not read checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from exc
+        raise EvaluationError(f"could not read checkpoint {model_or_checkpoint}: {type(exc).__name__}: {exc}") from exc
+    return model, ckpt, str(model_or_checkpoint)
 
 
 def guess_dataset(data: str | Path) -> str:
@@ -71,20 +137,15 @@ def guess_dataset(data: str | Path) -> str:
 
 
 def _folder_has_splits(root: Path) -> bool:
-    from fer_lib.data.loaders import SPLIT_NAMES
-
     return any(d.is_dir() and d.name.lower() in SPLIT_NAMES for d in root.iterdir())
 
 
-def load_eval_dataset(model_config: dict[str, Any], train_config: dict[str, Any] | None, data: str | Path | None,
-                      dataset: str | None = None, split: str = "val", landmarks: str = "detect",
-                      cache_dir: str | None = None, seed: int = 0, progress: bool = True,
-                      dataset_kwargs: dict[str, Any] | None = None) -> tuple[Any, str, str]:
+def load_eval_dataset(model_config: Mapping[str, Any], train_config: Mapping[str, Any] | None,
+                      data: str | Path | None, options: EvalOptions | None = None, seed: int = 0,
+                      progress: bool = True) -> tuple[Any, str, str]:
     """Build the unaugmented split to evaluate, read the way the model expects; returns (dataset, name, split)."""
-    from fer_lib.data import build_datasets
-    from fer_lib.data.dataset import DATASETS
-
-    kwargs: dict[str, Any] = dict(dataset_kwargs or {})
+    options = options or EvalOptions()
+    kwargs: dict[str, Any] = dict(options.dataset_kwargs or {})
     kwargs.setdefault("progress", progress)
     for key in ("mean", "std"):
         if model_config.get(key) is not None:
@@ -92,7 +153,7 @@ def load_eval_dataset(model_config: dict[str, Any], train_config: dict[str, Any]
     image_size = int(model_config.get("image_size") or 112)
     train_config = train_config or {}
     if data is None:
-        name = dataset or train_config.get("dataset")
+        name = options.dataset or train_config.get("dataset")
         if not name:
             raise ConfigError("the checkpoint records no training dataset; pass --data (and --dataset)")
         root = train_config.get("data_root") if name == train_config.get("dataset") else None
@@ -102,13 +163,13 @@ def load_eval_dataset(model_config: dict[str, Any], train_config: dict[str, Any]
             saved.pop("augment_config", None)
             kwargs = {**saved, **kwargs}
     else:
-        name = dataset or guess_dataset(data)
+        name = options.dataset or guess_dataset(data)
         root = data
     check_choice("dataset", name, DATASETS)
     class_names = model_config.get("class_names")
     if name in ("imagefolder", "fer2013", "csv") and class_names:
         kwargs.setdefault("class_names", tuple(class_names))  # labels in the model's class order
-    eval_split = split
+    split = eval_split = options.split
     if name in ("imagefolder", "fer2013") and root is not None and Path(root).is_dir() and not _folder_has_splits(Path(root)):
         kwargs.setdefault("val_fraction", 0.0)  # a plain class-folder tree: evaluate every image
         kwargs.setdefault("test_fraction", 0.0)
@@ -116,8 +177,8 @@ def load_eval_dataset(model_config: dict[str, Any], train_config: dict[str, Any]
         split = "all"
     else:
         kwargs.setdefault("splits", [eval_split])
-    out = build_datasets(name, root=root, image_size=image_size, seed=seed, landmarks=landmarks,
-                         cache_dir=cache_dir, augment=False, **kwargs)
+    out = build_datasets(name, root=root, image_size=image_size, seed=seed, landmarks=options.landmarks,
+                         cache_dir=options.cache_dir, augment=False, **kwargs)
     if eval_split not in out:
         raise ConfigError(f"dataset {name!r} at {root} has no {split!r} split; it has: {', '.join(out) or 'none'}")
     ds = out[eval_split]
@@ -149,76 +210,113 @@ def landmark_summary(dataset: Any, indices: Sequence[int] | None = None) -> dict
             "missing_reasons": reasons}
 
 
-def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None = None, dataset: str | None = None,
-                                split: str = "val", cam_methods: str | Sequence[str] | None = DEFAULT_EVAL_CAMS,
-                                cam_samples: int | None = 1000, max_samples: int | None = None,
-                                batch_size: int = 64, landmarks: str = "detect", cache_dir: str | None = None,
-                                seed: int = 0, device: str = "auto", progress: bool = True,
-                                dataset_kwargs: dict[str, Any] | None = None, trust: bool = False) -> dict[str, Any]:
-    """Every metric of one checkpoint on one dataset split, as a JSON-ready dict (see the module docstring)."""
-    from fer_lib.analysis.interpret import check_cam_methods, evaluate_checkpoint, subset_indices
-    from fer_lib.utils import resolve_device
-    from fer_lib.training.train import evaluate as train_evaluate
+def _dataset_landmarks(ds: Any, indices: Sequence[int] | None, options: EvalOptions) -> dict[str, Any] | None:
+    """landmark_summary of the evaluated items, where the data reads landmarks and its records carry them."""
+    records = getattr(ds, "records", None)
+    if options.landmarks == "none" or not records or not hasattr(records[0], "has_landmarks"):
+        return None
+    return landmark_summary(ds, indices)
 
-    methods = check_cam_methods(cam_methods) if cam_methods not in (None, "", "none", ()) else []
-    check_choice("landmarks", landmarks, ("detect", "ground_truth", "none"))
-    for name, value in (("batch_size", batch_size), ("cam_samples", cam_samples), ("max_samples", max_samples)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer{' or None' if name != 'batch_size' else ''}, got {value!r}")
-    dev = resolve_device(device)
-    config = {"checkpoint": str(checkpoint), "data": None if data is None else str(data), "dataset": dataset,
-              "split": split, "cam_methods": methods, "cam_samples": cam_samples, "max_samples": max_samples,
-              "batch_size": batch_size, "landmarks": landmarks, "seed": seed, "device": str(dev)}
-    model, ckpt = _load_model(checkpoint, trust=trust)
+
+def _read_data(model: TappedModel, ckpt: Mapping[str, Any], data: Any, options: EvalOptions,
+               cams: CAMSettings) -> tuple[Any, str, str]:
+    """(dataset, its name, the split evaluated) from a path / None (load_eval_dataset) or a dataset object."""
+    if data is None or isinstance(data, (str, Path)):
+        return load_eval_dataset(dict(model.config), ckpt.get("config"), data, options, cams.seed, cams.progress)
+    return data, str(getattr(data, "name", None) or type(data).__name__), str(getattr(data, "split", None) or options.split)
+
+
+def _cam_scores(model: TappedModel, ds: Any, target: Any, indices: Sequence[int], cams: CAMSettings,
+                options: EvalOptions, checkpoint: str | None) -> InterpretabilityResult:
+    """evaluate_interpretability on a seeded subset of `target` (cams.max_samples); samples named by dataset index."""
+    cam_n = cams.max_samples if options.max_samples is None else min(cams.max_samples or len(indices), len(indices))
+    cam_indices = subset_indices(len(target), cam_n, cams.seed)
+    loader = make_loader(target, cam_indices, batch_size=min(options.batch_size, 32))
+    config = {"checkpoint": checkpoint, "target": cams.target, "threshold": cams.threshold,
+              "max_samples": cams.max_samples, "seed": cams.seed, "model": getattr(model, "config", None)}
+    result = evaluate_interpretability(model, loader, cams, config=config,
+                                       class_names=getattr(ds, "class_names", None))
+    for frame in (result.scores, result.predictions):
+        frame["sample"] = [indices[cam_indices[i]] for i in frame["sample"]]
+    return result
+
+
+def _faithfulness(model: TappedModel, ds: Any, cams: CAMSettings, options: EvalOptions) -> Any:
+    """faithfulness_scores on the first `options.faithfulness_samples` valid samples of a seeded subset of `ds`."""
+    n = options.faithfulness_samples
+    loader = make_loader(ds, subset_indices(len(ds), max(n * 2, n), cams.seed), batch_size=8)
+    return faithfulness_scores(model, loader, cams.replace(max_samples=n), percentiles=options.faithfulness_percentiles)
+
+
+def evaluate(model_or_checkpoint: TappedModel | str | Path, data: Any = None, cams: CAMSettings | None = None,
+             options: EvalOptions | None = None, *, trust: bool = False) -> Evaluation:
+    """Every metric of one model on one dataset split, as a JSON-ready dict (see the module docstring).
+
+    `model_or_checkpoint`: a TappedModel, a checkpoint file or a shipped name (fer_lib.models.load_checkpoint;
+    `trust` allows a file that is not plain data). `data`: a folder or file (read as `options` say), a dataset
+    object (contract 1), or None for the checkpoint's own training dataset. `cams` (default: no CAM) gives the
+    CAM methods and their settings, CAM-COS on a seeded subset of `cams.max_samples`, and the device, seed and
+    progress bars of the whole evaluation. The result's `interpretability` holds the per-sample map scores, its
+    `faithfulness` the ROAD scores (`options.faithfulness_samples`, with the table under "faithfulness").
+    """
+    cams = cams if cams is not None else CAMSettings(cam_methods=())
+    options = options or EvalOptions()
+    dev, methods = cams.torch_device, list(cams.cam_methods)
+    config = {"checkpoint": None if isinstance(model_or_checkpoint, torch.nn.Module) else str(model_or_checkpoint),
+              "data": None if not isinstance(data, (str, Path)) else str(data), "dataset": options.dataset,
+              "split": options.split, "cam_methods": methods, "cam_samples": cams.max_samples,
+              "max_samples": options.max_samples, "batch_size": options.batch_size, "landmarks": options.landmarks,
+              "seed": cams.seed, "device": str(dev)}
+    model, ckpt, checkpoint = _model_and_checkpoint(model_or_checkpoint, trust)
     mc = dict(model.config)
-    check_cams_run(model, [m for m in methods if m != "cam"])  # before reading any data: fail in seconds, not hours
-    ds, name, split_used = load_eval_dataset(mc, ckpt.get("config"), data, dataset, split, landmarks, cache_dir,
-                                             seed, progress, dataset_kwargs)
+    check_cams_run(model, [m for m in methods if m != OWN_CAM])  # before reading any data: fail in seconds, not hours
+    ds, name, split_used = _read_data(model, ckpt, data, options, cams)
     config.update(dataset=name, split=split_used)
     if len(ds) == 0:
-        raise EvaluationError(f"no readable images to evaluate ({len(ds.skipped)} skipped)")
+        raise EvaluationError(f"no readable images to evaluate ({len(getattr(ds, 'skipped', []))} skipped)")
     dropped = []
-    if "cam" in methods and not _has_own_cam(model):
-        methods = [m for m in methods if m != "cam"]
+    if OWN_CAM in methods and not _has_own_cam(model):
+        methods = [m for m in methods if m != OWN_CAM]
         dropped.append("cam (the model's own CAM needs a global-average-pool + linear head after the tapped layer)")
-    indices = subset_indices(len(ds), max_samples, seed)
-    target = ds if max_samples is None else torch.utils.data.Subset(ds, indices)
+    indices = subset_indices(len(ds), options.max_samples, cams.seed)
+    target = ds if options.max_samples is None else torch.utils.data.Subset(ds, indices)
     model = model.to(dev).eval()
     t0 = time.perf_counter()
-    cls = train_evaluate(model, target, dev, batch_size=batch_size, desc="evaluate")
+    cls = train_evaluate(model, target, dev, batch_size=options.batch_size, desc="evaluate")
     elapsed = time.perf_counter() - t0
-    result: dict[str, Any] = {
-        "run": run_info(config), "checkpoint": repo_relative(str(checkpoint)),
-        "data": None if data is None else repo_relative(str(data)),
+    skipped = list(getattr(ds, "skipped", []))
+    path_data = data if isinstance(data, (str, Path)) else None
+    result = Evaluation({
+        "run": run_info(config), "checkpoint": None if checkpoint is None else repo_relative(checkpoint),
+        "data": None if path_data is None else repo_relative(str(path_data)),
         "dataset": name, "split": split_used, "n": int(cls["n"]), "class_names": list(ds.class_names),
         "model": {k: mc.get(k) for k in ("backbone", "image_size", "tap_names", "num_classes", "mean", "std")},
         "train_config": {k: (ckpt.get("config") or {}).get(k) for k in
                          ("dataset", "au_weight", "layers", "epochs", "seed", "image_size", "dataset_kwargs")},
         "checkpoint_epoch": ckpt.get("epoch"),
-        "training": training_summary(checkpoint) or dict((ckpt.get("card") or {}).get("training") or {}),
+        "training": (checkpoint_training_record(checkpoint) if checkpoint else {})
+        or dict((ckpt.get("card") or {}).get("training") or {}),
         "accuracy": cls["accuracy"], "macro_f1": cls["macro_f1"], "per_class_accuracy": cls["per_class_accuracy"],
         "confusion": cls["confusion"], "ce": cls.get("ce"),
         "att_cos": cls["att_cos"], "att_cos_mean": cls["att_cos_mean"], "n_valid_maps": cls["n_valid_maps"],
         "cam_cos": {}, "cam_pearson": {}, "cam_energy_ratio": {}, "cam_n": 0, "cam_n_valid": 0,
-        "landmarks": landmark_summary(ds, None if max_samples is None else indices) if landmarks != "none" else None,
-        "skipped": {"count": len(ds.skipped),
-                    "items": [{"path": p, "reason": why} for p, why in ds.skipped[:MAX_LISTED_SKIPPED]]},
+        "landmarks": _dataset_landmarks(ds, None if options.max_samples is None else indices, options),
+        "skipped": {"count": len(skipped), "items": [{"path": p, "reason": why} for p, why in skipped[:MAX_LISTED_SKIPPED]]},
         "eval_time_s": elapsed, "eval_images_per_s": cls["n"] / elapsed if elapsed > 0 else None,
-        "protocol": protocol_note(name if name != "imagefolder" or not _is_fer2013(data) else "fer2013", split_used),
-    }
-    if methods and landmarks != "none" and cls["n_valid_maps"]:
-        cam_n = cam_samples if max_samples is None else min(cam_samples or len(indices), len(indices))
-        cam_indices = subset_indices(len(target), cam_n, seed)
-        cam_target = torch.utils.data.Subset(target, cam_indices)
-        cam_target.class_names = ds.class_names  # type: ignore[attr-defined]
+        "protocol": protocol_note(name if name != "imagefolder" or not _is_fer2013(path_data) else "fer2013", split_used),
+    })
+    if methods and options.landmarks != "none" and cls["n_valid_maps"]:
         t1 = time.perf_counter()
-        interp = evaluate_checkpoint(model, cam_target, methods, batch_size=min(batch_size, 32), seed=seed,
-                                     device=dev, progress=progress)
+        interp = _cam_scores(model, ds, target, indices, cams.replace(cam_methods=tuple(methods)), options, checkpoint)
         s = interp.summary
         result.update(cam_cos=s["cam_cos"], cam_n=s["n"], cam_n_valid=s["n_valid"], cam_time_s=time.perf_counter() - t1,
                       cam_pearson={m: s["pearson"].get(f"cam:{m}") for m in methods},
                       cam_energy_ratio={m: s["energy_ratio"].get(f"cam:{m}") for m in methods},
                       au_area=s.get("au_area"))
+        result.interpretability = interp
+        if options.faithfulness_samples:
+            result.faithfulness = _faithfulness(model, ds, cams.replace(cam_methods=tuple(methods)), options)
+            result["faithfulness"] = faithfulness_table(result.faithfulness).to_dict(orient="index")
     result["cam_methods"] = methods
     result["cam_methods_dropped"] = dropped
     return result
@@ -226,13 +324,11 @@ def evaluate_checkpoint_on_data(checkpoint: str | Path, data: str | Path | None 
 
 def _is_fer2013(data: str | Path | None) -> bool:
     """Whether a folder is FER2013 with its official split (the shared copy, or a folder named fer2013)."""
-    return data is not None and Path(data).name.lower() == "fer2013" and (Path(data) / "val").is_dir()
+    return isinstance(data, (str, Path)) and Path(data).name.lower() == "fer2013" and (Path(data) / "val").is_dir()
 
 
 def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:
     """Run each CAM method once on a blank input, so a method this model cannot use fails before any data is read."""
-    from fer_lib.analysis.interpret import compute_cams
-
     size = int(model.config.get("image_size") or 112)
     x = torch.zeros(1, int(model.config.get("in_chans") or 3), size, size)
     for method in methods:
@@ -247,8 +343,6 @@ def check_cams_run(model: torch.nn.Module, methods: Sequence[str]) -> None:
 
 def _has_own_cam(model: torch.nn.Module) -> bool:
     """Whether the model's own CAM (classifier weights x last features) applies: a GAP + linear head."""
-    from fer_lib.analysis.interpret import own_cam
-
     try:
         x = torch.zeros(1, 3, int(model.config["image_size"]), int(model.config["image_size"]))
         own_cam(model.eval(), x, torch.zeros(1, dtype=torch.long))
@@ -306,8 +400,9 @@ def default_output(checkpoint: str | Path, dataset: str, split: str) -> Path:
     return run_dir / "evaluate" / f"{dataset}-{split}-{path.stem}.json"
 
 
-def training_summary(checkpoint: str | Path) -> dict[str, Any]:
-    """Wall time, images/s, best epoch and config of the run that wrote `checkpoint` (its metrics.json), if present."""
+def checkpoint_training_record(checkpoint: str | Path) -> dict[str, Any]:
+    """Wall time, images/s, best epoch and config of the run that wrote `checkpoint` (its metrics.json), if present
+    (not to be confused with fer_lib.workflow.pipeline.training_summary, which digests a metrics dict)."""
     path = Path(checkpoint)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     metrics = run_dir / "metrics.json"
@@ -361,11 +456,6 @@ def make_synthetic_imagefolder(root: str | Path, n_per_class: int = 2, size: int
                                splits: Sequence[str] = ("train", "val"), seed: int = 0,
                                folders: dict[str, str] | None = None) -> Path:
     """A tiny FER2013-style ImageFolder (<root>/<split>/<class>/*.png, grayscale) of synthetic faces, for demos/smoke runs."""
-    from PIL import Image
-
-    from fer_lib.data import generate_sample
-    from fer_lib.utils import atomic_path
-
     folders = folders or {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness",
                           "neutral": "neutral", "sad": "sadness", "surprise": "surprise"}
     root = Path(root)
@@ -385,8 +475,6 @@ def make_synthetic_imagefolder(root: str | Path, n_per_class: int = 2, size: int
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of `python -m fer_lib.analysis.evaluate`."""
-    from fer_lib.data.dataset import DATASETS
-
     p = argparse.ArgumentParser(prog="python -m fer_lib.analysis.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a fer_lib checkpoint (.pt from fer_lib.training.train, a shipped .safetensors) or a shipped name "
@@ -416,14 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: evaluate, write the JSON atomically, print the table; exit 2 on bad input."""
     args = build_parser().parse_args(argv)
-    cams = None if args.cam_methods.strip().lower() in ("", "none") else args.cam_methods
 
     def body() -> int:
-        result = evaluate_checkpoint_on_data(
-            args.checkpoint, args.data, args.dataset, args.split, cams,
-            cam_samples=None if args.cam_samples == 0 else args.cam_samples, max_samples=args.max_samples,
-            batch_size=args.batch_size, landmarks=args.landmarks, cache_dir=args.cache_dir, seed=args.seed,
-            device=args.device, progress=not args.no_progress, trust=args.trust_checkpoint)
+        cams = CAMSettings(cam_methods=args.cam_methods, max_samples=None if args.cam_samples == 0 else args.cam_samples,
+                           seed=args.seed, device=args.device, progress=not args.no_progress)
+        options = EvalOptions(dataset=args.dataset, split=args.split, landmarks=args.landmarks, cache_dir=args.cache_dir,
+                              max_samples=args.max_samples, batch_size=args.batch_size)
+        result = evaluate(args.checkpoint, args.data, cams, options, trust=args.trust_checkpoint)
         out = Path(args.out) if args.out else default_output(args.checkpoint, result["dataset"], result["split"])
         atomic_write_json(out, result)
         print(format_table(result))

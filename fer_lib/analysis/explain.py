@@ -35,7 +35,7 @@ evidence, are listed in `same_region`, and the ranking breaks their ties in favo
 of the explained class (then by AU number). The one-line summary names the top distinct
 regions whose evidence exceeds 1.
 
-Faithfulness (`deletion_test`, `evaluate_dataset`)
+Faithfulness (`deletion_test`, `au_evidence_report`)
 --------------------------------------------------
 An explanation is faithful if removing what it points at changes the model's score. For each
 face, the distinct AU regions are deleted (filled with the face's mean colour, or blurred)
@@ -46,16 +46,17 @@ curve deletes the regions cumulatively in ranked order (most evidence first, "mo
 reverse order ("lerf") and a random order; a faithful ranking drops the score fastest under
 "morf".
 
-Validation (`evaluate_dataset` on the synthetic set): the synthetic faces carry the true
+Validation (`au_evidence_report` on the synthetic set): the synthetic faces carry the true
 intensity of every AU, so the Spearman correlation between AU evidence and true intensity
 says whether the explanation names the AUs the face really shows (per image over the 18 AUs,
 and per AU over the images). On real faces without AU labels (FER2013), `class_evidence`
-averages the evidence per predicted class and `codebook_agreement` compares it with the
+averages the evidence per predicted class and `codebook_evidence_agreement` compares it with the
 codebook (the AUC of codebook AUs against the others).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,21 +66,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 import torch
 from torch import nn
 
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fer_lib.analysis.interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale, subset_indices,
+                                        tapped_layers)
+from fer_lib.data import geometric_transform
 from fer_lib.faces.au import ALL_AUS, AU_NAMES, CODEBOOK, au_map
-from fer_lib.models import input_tensor
-from fer_lib.analysis.interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale,
-                        tapped_layers)
-from fer_lib.faces.landmarks import (ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array, crop_to_face,
-                        detect_landmarks)
-from fer_lib.utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, resolve_device, run_info
+from fer_lib.faces.landmarks import (ANCHORS, DETECT_MAX_SIDE, IMAGE_EXTENSIONS, Face, FaceFinder, ImageError,
+                                     LandmarkCache, as_image_sequence, as_rgb_array, crop_to_face, detect_faces,
+                                     detect_landmarks, landmark_box, load_image, read_image)
+from fer_lib.models import input_tensor, load_checkpoint
+from fer_lib.plots import save_figure
+from fer_lib.training.train import TrainConfig, train
+from fer_lib.utils import (ConfigError, atomic_write_bytes, atomic_write_csv, atomic_write_json, check_choice,
+                           config_hash, resolve_device, run_cli, run_info)
 
 #: the map name for the layer attention (mean over channels of a tapped stage)
 ATTENTION = "attention"
 #: every explanation map `explain_*` accepts: layer attention or a CAM method of fer_lib.analysis.interpret
+#: (as registered at import; check_map also accepts methods registered later)
 MAP_CHOICES: tuple[str, ...] = (ATTENTION, *CAM_METHODS)
 #: how a deleted region is filled
 FILL_MODES: tuple[str, ...] = ("mean", "blur")
@@ -99,7 +110,7 @@ def check_map(name: str | None) -> str:
     """'attention' (also for None / '') or a CAM method name; ConfigError listing the choices otherwise."""
     if name is None or str(name).strip() == "":
         return ATTENTION
-    return check_choice("explanation map", str(name).strip().lower(), MAP_CHOICES)
+    return check_choice("explanation map", str(name).strip().lower(), (ATTENTION, *CAM_METHODS))  # registry: live
 
 
 def check_threshold(threshold: float) -> float:
@@ -125,6 +136,67 @@ def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
         return int(size), int(size)
     h, w = size
     return int(h), int(w)
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """How a face is explained in AU terms, validated when made (ConfigError naming what is accepted).
+
+    map_name     'attention' (the tapped layer's attention) or a CAM method of fer_lib.analysis.interpret
+    layer        tapped layer for the attention / CAM (None: the model's last tap)
+    target       the class explained: 'prediction', 'label' (dataset reports), a class name or class id(s)
+    threshold    AU region = au_map >= threshold, in (0, 1)
+    scale        how the attention becomes non-negative: 'minmax' or 'relu'
+    max_aus      AU regions named in the one-line summary
+    aus          the AUs whose evidence is tabled
+    crop_margin  crop a one-face photo to its face with this margin first (None: whole; several faces: FACE_MARGIN)
+    max_faces    faces explained per photo, largest first (None: every face)
+    device       None: where the model is; else 'auto', 'cpu', 'cuda', ...
+    progress     progress bars
+    """
+
+    map_name: str | None = None
+    layer: str | None = None
+    target: Any = "prediction"
+    threshold: float = DEFAULT_THRESHOLD
+    scale: str = "minmax"
+    max_aus: int = 2
+    aus: tuple[int, ...] = tuple(ALL_AUS)
+    crop_margin: float | None = None
+    max_faces: int | None = None
+    device: Any = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "map_name", check_map(self.map_name))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "aus", tuple(int(a) for a in self.aus))
+        check_choice("scale", self.scale, SCALE_MODES)
+        if self.crop_margin is not None and not 0.0 <= float(self.crop_margin) <= 2.0:
+            raise ConfigError(f"crop_margin must be in [0, 2] (a fraction of the face box) or None; "
+                              f"got {self.crop_margin!r}")
+        if self.max_faces is not None and (not isinstance(self.max_faces, (int, np.integer)) or self.max_faces < 1):
+            raise ConfigError(f"max_faces must be a positive integer or None (every face), got {self.max_faces!r}")
+        if self.device is not None:
+            resolve_device(self.device)
+
+    def replace(self, **changes: Any) -> "ExplainSettings":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DeletionSettings:
+    """The deletion test (`deletion_test`): how deleted pixels are filled, which score is watched, and how close in
+    area the random control region must be to the top one."""
+
+    fill: str = "mean"
+    score: str = "probability"
+    area_tolerance: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("fill mode", self.fill, FILL_MODES)
+        check_choice("score", self.score, SCORE_KINDS)
 
 
 # ----------------------------------------------------------------------------- regions and evidence
@@ -354,20 +426,17 @@ def explanation_maps(model: nn.Module, images: torch.Tensor, map_name: str = ATT
     return compute_cams(model, images, map_name, class_ids, layer=layer).numpy(), map_name
 
 
-def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name: str = ATTENTION,
-                  layer: str | None = None, target: Any = "prediction", threshold: float = DEFAULT_THRESHOLD,
+def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, settings: ExplainSettings | None = None, *,
                   class_names: Sequence[str] | None = None, rgb: np.ndarray | None = None,
-                  sources: Sequence[str] | None = None, scale: str = "minmax", max_aus: int = 2,
-                  aus: Iterable[int] = ALL_AUS, timings: dict[str, float] | None = None) -> list[AUEvidence]:
+                  sources: Sequence[str] | None = None, timings: dict[str, float] | None = None) -> list[AUEvidence]:
     """Explain a batch of normalised images (B, 3, H, W) with their faces' anchors (B, A, 2).
 
-    `target`: "prediction" (default), a class name, or class id(s). Every face needs finite
-    anchors (faces without landmarks have no AU regions: filter them first). `timings`, if
-    given, accumulates the seconds of the model's forward pass ("model") and of the maps and
-    tables ("explanation").
+    `settings` (default ExplainSettings()): the map, layer, target ("prediction", a class name,
+    or class id(s)), threshold, scale, AUs and summary length. Every face needs finite anchors
+    (faces without landmarks have no AU regions: filter them first). `timings`, if given,
+    accumulates the seconds of the model's forward pass ("model") and of the maps and tables ("explanation").
     """
-    map_name = check_map(map_name)
-    threshold = check_threshold(threshold)
+    settings = settings or ExplainSettings()
     images = torch.as_tensor(images)
     if images.dim() != 4:
         raise ValueError(f"images must be a (B, 3, H, W) batch; got shape {tuple(images.shape)}")
@@ -375,8 +444,7 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
     for a in anchors:
         _check_anchors(a)
     model.eval()
-    device = _model_device(model)
-    x = images.to(device)
+    x = images.to(_model_device(model))
     t0 = time.perf_counter()
     with torch.no_grad():
         logits = model.classify(x).float()
@@ -384,21 +452,20 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
     t1 = time.perf_counter()
     preds = probs.argmax(dim=1)
     names = _class_names(model, probs.shape[1], class_names)
-    targets = _resolve_targets(target, len(x), preds, names)
-    maps, label = explanation_maps(model, x, map_name, targets, layer, scale)
+    targets = _resolve_targets(settings.target, len(x), preds, names)
+    maps, label = explanation_maps(model, x, settings.map_name, targets, settings.layer, settings.scale)
     h, w = x.shape[-2:]
-    aus = tuple(aus)
     out: list[AUEvidence] = []
     for i in range(len(x)):
-        masks = au_region_masks(anchors[i], (h, w), aus, threshold)
+        masks = au_region_masks(anchors[i], (h, w), settings.aus, settings.threshold)
         cls = names[int(targets[i])]
         table, outside = au_evidence_table(maps[i], masks, CODEBOOK.get(cls, ()))
-        summary = summarise(cls, float(probs[i, targets[i]]), table, outside, max_aus)
+        summary = summarise(cls, float(probs[i, targets[i]]), table, outside, settings.max_aus)
         if int(targets[i]) != int(preds[i]):
             summary = f"[explaining {cls}; predicted {names[int(preds[i])]}] " + summary
         out.append(AUEvidence(predicted=int(preds[i]), target=int(targets[i]), probabilities=probs[i].numpy(),
                               class_names=names, map_name=label, saliency=maps[i], table=table, outside=outside,
-                              summary=summary, threshold=threshold,
+                              summary=summary, threshold=settings.threshold,
                               image=None if rgb is None else np.asarray(rgb[i]), anchors=anchors[i], masks=masks,
                               source="" if sources is None else str(sources[i])))
     if timings is not None:
@@ -410,10 +477,6 @@ def explain_batch(model: nn.Module, images: torch.Tensor, anchors: Any, map_name
 def model_input(rgb: np.ndarray, anchors: np.ndarray | None, model: nn.Module) -> tuple[np.ndarray, np.ndarray | None,
                                                                                         torch.Tensor]:
     """Resize a face (RGB uint8) to the model's input size exactly as the datasets do; (rgb, anchors, tensor)."""
-    from PIL import Image
-
-    from fer_lib.data import geometric_transform
-
     cfg = getattr(model, "config", {}) or {}
     size = int(cfg.get("image_size") or 112)
     image, anchors = geometric_transform(Image.fromarray(as_rgb_array(rgb)), anchors, size)
@@ -449,8 +512,6 @@ FACE_MARGIN = 0.25
 
 def _photo_faces(item: Any, max_faces: int | None, finder: Any, cache: Any) -> tuple[np.ndarray, list[Any], list[str]]:
     """(the photo upright as RGB, its faces largest first, notes on how it was read); ImageError if unreadable."""
-    from fer_lib.faces.landmarks import DETECT_MAX_SIDE, detect_faces, read_image
-
     notes: list[str] = []
     if isinstance(item, (str, os.PathLike)):
         rgb, notes = read_image(item, max_side=DETECT_MAX_SIDE)
@@ -460,59 +521,36 @@ def _photo_faces(item: Any, max_faces: int | None, finder: Any, cache: Any) -> t
     return rgb, faces, notes
 
 
-def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, layer: str | None = None,
-                   target: Any = "prediction", threshold: float = DEFAULT_THRESHOLD,
-                   detector: Any = None, cache: LandmarkCache | str | os.PathLike | None = None,
-                   crop_margin: float | None = None, batch_size: int = 16, progress: bool = True,
-                   device: str | torch.device | None = None, max_aus: int = 2, max_faces: int | None = None,
-                   timings: dict[str, float] | None = None) -> list[ExplainedImage]:
-    """Explain every face of image files / arrays / PIL images (or one of them): find faces, resize as the datasets
-    do, explain.
-
-    Faces: `fer_lib.faces.landmarks.detect_faces` (full-range face detector, then FaceMesh on each
-    face), largest first, at most `max_faces` per photo (None: all); a `detector` given (a
-    LandmarkDetector) instead finds one face per image. A photo with one face is fed whole
-    (`crop_margin=None`, as the datasets do) or cropped to the face with that margin; with
-    several faces each face is cropped (margin `crop_margin`, default FACE_MARGIN).
-    Never raises for one bad item: unreadable files and photos without a face come back with
-    `evidence=None` and the reason. `timings`, if given, accumulates seconds per step
-    ("landmarks", "model", "explanation").
-    """
-    from tqdm.auto import tqdm
-
-    from fer_lib.faces.landmarks import FaceFinder, as_image_sequence
-
-    map_name = check_map(map_name)
-    threshold = check_threshold(threshold)
-    if crop_margin is not None and not 0.0 <= float(crop_margin) <= 2.0:
-        raise ConfigError(f"crop_margin must be in [0, 2] (a fraction of the face box) or None; got {crop_margin!r}")
-    if max_faces is not None and (not isinstance(max_faces, (int, np.integer)) or max_faces < 1):
-        raise ConfigError(f"max_faces must be a positive integer or None (every face), got {max_faces!r}")
-    images = list(as_image_sequence(images))
-    timings = timings if timings is not None else {}
-    t0 = time.perf_counter()
-    photos: list[tuple[str, Any, list[Any], list[str], str]] = []  # (source, rgb, faces, notes, error)
+def _find_faces(images: list[Any], settings: ExplainSettings, detector: Any, cache: Any
+                ) -> list[tuple[str, Any, list[Any], list[str], str]]:
+    """(source, rgb, faces, notes, error) per input: detect_faces (every face), or one face per image of a
+    single-face LandmarkDetector `detector`."""
+    photos: list[tuple[str, Any, list[Any], list[str], str]] = []
     if detector is not None and not isinstance(detector, FaceFinder):
-        batch = detect_landmarks(images, detector, cache, progress=progress, desc="landmarks")
+        batch = detect_landmarks(images, detector, cache, progress=settings.progress, desc="landmarks")
         for i, (item, rec) in enumerate(zip(images, batch.records)):
             faces = [] if rec.landmarks is None else [_single_face(rec.landmarks)]
             photos.append((results_source(item, i), item, faces, [], rec.reason or "no face found"))
-    else:
-        finder = detector or FaceFinder()
-        try:
-            for i, item in enumerate(tqdm(images, desc="faces", disable=not progress)):
-                try:
-                    rgb, faces, notes = _photo_faces(item, max_faces, finder, cache)
-                    photos.append((results_source(item, i), rgb, faces, notes,
-                                   "" if faces else "no face found by " + finder.cache_key))
-                except ImageError as exc:
-                    photos.append((results_source(item, i), None, [], [], f"unreadable: {exc}"))
-        finally:
-            if detector is None:
-                finder.close()
-    timings["landmarks"] = timings.get("landmarks", 0.0) + time.perf_counter() - t0
-    dev = resolve_device(device) if device is not None else _model_device(model)
-    model = model.to(dev).eval()
+        return photos
+    finder = detector or FaceFinder()
+    try:
+        for i, item in enumerate(tqdm(images, desc="faces", disable=not settings.progress)):
+            try:
+                rgb, faces, notes = _photo_faces(item, settings.max_faces, finder, cache)
+                photos.append((results_source(item, i), rgb, faces, notes,
+                               "" if faces else "no face found by " + finder.cache_key))
+            except ImageError as exc:
+                photos.append((results_source(item, i), None, [], [], f"unreadable: {exc}"))
+    finally:
+        if detector is None:
+            finder.close()
+    return photos
+
+
+def _face_inputs(model: nn.Module, photos: list[tuple[str, Any, list[Any], list[str], str]],
+                 crop_margin: float | None) -> tuple[list[ExplainedImage], list[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]]:
+    """One ExplainedImage per face (or per photo without one), and each explainable face's (result index, rgb,
+    anchors, model input), cropped and resized as the datasets do."""
     results: list[ExplainedImage] = []
     ready: list[tuple[int, np.ndarray, np.ndarray, torch.Tensor]] = []
     for source, item, faces, notes, error in photos:
@@ -540,12 +578,39 @@ def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, lay
                 res.error = f"unreadable: {exc}"
                 continue
             ready.append((len(results) - 1, arr, anchors, x))
+    return results, ready
+
+
+def explain_images(model: nn.Module, images: Any, settings: ExplainSettings | None = None, *, detector: Any = None,
+                   cache: LandmarkCache | str | os.PathLike | None = None, batch_size: int = 16,
+                   timings: dict[str, float] | None = None) -> list[ExplainedImage]:
+    """Explain every face of image files / arrays / PIL images (or one of them): find faces, resize as the datasets
+    do, explain.
+
+    Faces: `fer_lib.faces.landmarks.detect_faces` (full-range face detector, then FaceMesh on each
+    face), largest first, at most `settings.max_faces` per photo (None: all); a `detector` given (a
+    LandmarkDetector) instead finds one face per image. A photo with one face is fed whole
+    (`settings.crop_margin=None`, as the datasets do) or cropped to the face with that margin; with
+    several faces each face is cropped (margin `crop_margin`, default FACE_MARGIN).
+    Never raises for one bad item: unreadable files and photos without a face come back with
+    `evidence=None` and the reason. `timings`, if given, accumulates seconds per step
+    ("landmarks", "model", "explanation").
+    """
+    settings = settings or ExplainSettings()
+    images = list(as_image_sequence(images))
+    timings = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    photos = _find_faces(images, settings, detector, cache)
+    timings["landmarks"] = timings.get("landmarks", 0.0) + time.perf_counter() - t0
+    dev = resolve_device(settings.device) if settings.device is not None else _model_device(model)
+    model = model.to(dev).eval()
+    results, ready = _face_inputs(model, photos, settings.crop_margin)
     chunks = [ready[s:s + batch_size] for s in range(0, len(ready), batch_size)]
-    for chunk in tqdm(chunks, desc="explain", disable=not progress or not chunks, leave=False):
+    for chunk in tqdm(chunks, desc="explain", disable=not settings.progress or not chunks, leave=False):
         idx = [c[0] for c in chunk]
-        evs = explain_batch(model, torch.stack([c[3] for c in chunk]), np.stack([c[2] for c in chunk]), map_name,
-                            layer, target, threshold, rgb=np.stack([c[1] for c in chunk]),
-                            sources=[results[i].source for i in idx], max_aus=max_aus, timings=timings)
+        evs = explain_batch(model, torch.stack([c[3] for c in chunk]), np.stack([c[2] for c in chunk]), settings,
+                            rgb=np.stack([c[1] for c in chunk]), sources=[results[i].source for i in idx],
+                            timings=timings)
         for i, ev in zip(idx, evs):
             ev.face, ev.box = results[i].face, results[i].box
             results[i].evidence = ev
@@ -554,8 +619,6 @@ def explain_images(model: nn.Module, images: Any, map_name: str = ATTENTION, lay
 
 def _single_face(landmarks: Any) -> Any:
     """A one-face result of a single-face LandmarkDetector, in detect_faces' terms (index 0, its landmark box)."""
-    from fer_lib.faces.landmarks import Face, landmark_box
-
     b = landmark_box(landmarks)
     w, h = landmarks.image_size
     box = (max(0, int(b.x0)), max(0, int(b.y0)), min(int(w), int(np.ceil(b.x1))), min(int(h), int(np.ceil(b.y1))))
@@ -689,7 +752,7 @@ def deletion_test(model: nn.Module, image: torch.Tensor, evidence: AUEvidence, f
 # ----------------------------------------------------------------------------- dataset evaluation
 @dataclass
 class EvidenceReport:
-    """AU evidence, deletion drops and curves over a dataset, with a summary (see `evaluate_dataset`)."""
+    """AU evidence, deletion drops and curves over a dataset, with a summary (see `au_evidence_report`)."""
 
     evidence: Any  # DataFrame: one row per (sample, au)
     samples: Any  # DataFrame: one row per sample (prediction, outside share, deletion drops)
@@ -792,33 +855,80 @@ def _true_intensities(dataset: Any, index: int) -> dict[int, float] | None:
     return {int(k): float(v) for k, v in aus.items()} if aus else None
 
 
-def evaluate_dataset(model: nn.Module, dataset: Any, n_samples: int | None = 64, map_name: str = ATTENTION,
-                     layer: str | None = None, target: str = "prediction", threshold: float = DEFAULT_THRESHOLD,
-                     deletion: bool = True, fill: str = "mean", score: str = "probability", seed: int = 0,
-                     batch_size: int = 16, device: str | torch.device | None = None, n_examples: int = 0,
-                     progress: bool = True, area_tolerance: float = 0.5) -> EvidenceReport:
-    """AU evidence (and the deletion test) for a seeded subset of a FERDataset (un-augmented samples).
+def _report_items(dataset: Any, chunk: Sequence[int], mean: torch.Tensor, std: torch.Tensor,
+                  skipped: list[tuple[int, str]]) -> list[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
+    """(index, rgb, anchors, normalised input) of the un-augmented items of `chunk` with landmarks (others skipped)."""
+    items = []
+    for i in chunk:
+        rgb, anchors, _ = dataset.sample(i, augment=False)
+        if anchors is None or not np.isfinite(anchors).all():
+            skipped.append((int(i), "no landmarks"))
+            continue
+        x = (torch.from_numpy(np.array(rgb, np.uint8)).permute(2, 0, 1).float() / 255.0 - mean) / std
+        items.append((int(i), rgb, np.asarray(anchors, np.float32), x))
+    return items
 
-    `target`: "prediction" or "label" (the class the map explains). Faces without landmarks
-    are skipped and listed. Synthetic records carry true AU intensities
+
+def _evidence_rows(i: int, label: int, ev: AUEvidence, truth: dict[int, float] | None) -> list[dict[str, Any]]:
+    return [{"sample": i, "label": label, "pred": ev.predicted, "target": ev.target, "au": int(row.au),
+             "rank": int(row.rank), "evidence": float(row.evidence), "mass_share": float(row.mass_share),
+             "area_share": float(row.area_share), "in_class": bool(row.in_class),
+             "true_intensity": truth.get(int(row.au), np.nan) if truth else np.nan}
+            for row in ev.table.itertuples(index=False)]
+
+
+def _deletion_rows(model: nn.Module, x: torch.Tensor, ev: AUEvidence, i: int, deletion: DeletionSettings, seed: int,
+                   srow: dict[str, Any], curve_rows: list[dict[str, Any]]) -> str | None:
+    """Run the deletion test of one face into its sample row and the curve rows; the reason when it cannot run."""
+    try:
+        res = deletion_test(model, x, ev, deletion.fill, deletion.score, seed=seed + i,
+                            area_tolerance=deletion.area_tolerance)
+    except ValueError as exc:
+        return f"deletion test: {exc}"
+    srow["base_score"] = res.base
+    for d in DELETIONS:
+        srow[f"drop_{d}"] = res.drops[d]
+        srow[f"{d}_region"] = "+".join(f"AU{a}" for a in res.regions[d])
+        srow[f"{d}_area"] = res.areas[d]
+    for order, vals in res.curves.items():
+        for k, v in enumerate(vals):
+            curve_rows.append({"sample": i, "order": order, "k": k, "score": float(v),
+                               "deleted_area": float(res.curve_areas[order][k])})
+    return None
+
+
+def _report_summary(evidence: Any, samples: Any, curves: Any, settings: ExplainSettings, map_label: str,
+                    deletion: DeletionSettings | None, n_requested: int, n_skipped: int) -> dict[str, Any]:
+    mean = lambda col: float(samples[col].mean()) if len(samples) else float("nan")  # noqa: E731
+    return {
+        "n_requested": n_requested, "n_explained": int(len(samples)), "n_skipped": n_skipped, "map": map_label,
+        "threshold": settings.threshold, "target": settings.target,
+        "fill": (deletion or DeletionSettings()).fill, "score": (deletion or DeletionSettings()).score,
+        "accuracy": mean("correct"), "outside_mass_mean": mean("outside_mass"), "outside_area_mean": mean("outside_area"),
+        "spearman": spearman_summary(evidence),
+        "deletion": deletion_summary(samples) if deletion is not None and len(samples) else {"available": False},
+        "curves": curve_summary(curves),
+    }
+
+
+def au_evidence_report(model: nn.Module, dataset: Any, settings: ExplainSettings | None = None,
+                       deletion: DeletionSettings | None = DeletionSettings(), *, n_samples: int | None = 64,
+                       seed: int = 0, batch_size: int = 16, n_examples: int = 0) -> EvidenceReport:
+    """AU evidence (and the deletion test, unless `deletion=None`) for a seeded subset of a FERDataset.
+
+    `settings.target`: "prediction" or "label" (the class the map explains). Faces without
+    landmarks are skipped and listed. Synthetic records carry true AU intensities
     (`record.meta["aus"]`), which add `true_intensity` to the evidence rows and the Spearman
     summary. `n_examples` keeps that many AUEvidence objects for figures.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from fer_lib.analysis.interpret import subset_indices
-
-    map_name = check_map(map_name)
-    threshold = check_threshold(threshold)
-    check_choice("target", target, ("prediction", "label"))
-    check_choice("fill mode", fill, FILL_MODES)
-    check_choice("score", score, SCORE_KINDS)
+    settings = settings or ExplainSettings()
+    check_choice("target", settings.target, ("prediction", "label"))
     if not hasattr(dataset, "sample"):
-        raise ConfigError("evaluate_dataset needs a fer_lib.data.FERDataset (it reads each face's anchors via "
+        raise ConfigError("au_evidence_report needs a fer_lib.data.FERDataset (it reads each face's anchors via "
                           f".sample()); got {type(dataset).__name__}")
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
+    model = model.to(resolve_device(settings.device)).eval()
     names = list(getattr(dataset, "class_names", None) or _class_names(model, int(model.config["num_classes"]), None))
     mean = torch.tensor(dataset.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(dataset.std, dtype=torch.float32)[:, None, None]
@@ -829,52 +939,26 @@ def evaluate_dataset(model: nn.Module, dataset: Any, n_samples: int | None = 64,
     skipped: list[tuple[int, str]] = []
     examples: list[AUEvidence] = []
     chunks = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
-    for chunk in tqdm(chunks, desc="AU evidence", disable=not progress, leave=False):
-        items = []
-        for i in chunk:
-            rgb, anchors, _ = dataset.sample(i, augment=False)
-            if anchors is None or not np.isfinite(anchors).all():
-                skipped.append((int(i), "no landmarks"))
-                continue
-            x = (torch.from_numpy(np.array(rgb, np.uint8)).permute(2, 0, 1).float() / 255.0 - mean) / std
-            items.append((int(i), rgb, np.asarray(anchors, np.float32), x))
+    for chunk in tqdm(chunks, desc="AU evidence", disable=not settings.progress, leave=False):
+        items = _report_items(dataset, chunk, mean, std, skipped)
         if not items:
             continue
         labels = [int(dataset.records[i].label) for i, *_ in items]
-        tgt = "prediction" if target == "prediction" else labels
-        xs = torch.stack([it[3] for it in items])
-        evs = explain_batch(model, xs, np.stack([it[2] for it in items]), map_name, layer, tgt, threshold, names,
-                            rgb=np.stack([it[1] for it in items]),
+        evs = explain_batch(model, torch.stack([it[3] for it in items]), np.stack([it[2] for it in items]),
+                            settings.replace(target="prediction" if settings.target == "prediction" else labels),
+                            class_names=names, rgb=np.stack([it[1] for it in items]),
                             sources=[str(getattr(dataset.records[i], "path", i)) for i, *_ in items])
         for (i, _, _, x), label, ev in zip(items, labels, evs):
-            truth = _true_intensities(dataset, i)
-            for row in ev.table.itertuples(index=False):
-                ev_rows.append({"sample": i, "label": label, "pred": ev.predicted, "target": ev.target,
-                                "au": int(row.au), "rank": int(row.rank), "evidence": float(row.evidence),
-                                "mass_share": float(row.mass_share), "area_share": float(row.area_share),
-                                "in_class": bool(row.in_class),
-                                "true_intensity": truth.get(int(row.au), np.nan) if truth else np.nan})
+            ev_rows += _evidence_rows(i, label, ev, _true_intensities(dataset, i))
             srow: dict[str, Any] = {"sample": i, "label": label, "label_name": names[label], "pred": ev.predicted,
                                     "pred_name": ev.predicted_name, "target": ev.target,
                                     "probability": float(ev.probabilities[ev.target]),
                                     "correct": ev.predicted == label, "top_au": ev.ranked_aus()[0],
                                     "outside_mass": ev.outside["mass_share"], "outside_area": ev.outside["area_share"],
                                     "summary": ev.summary}
-            if deletion:
-                try:
-                    res = deletion_test(model, x, ev, fill, score, seed=seed + i, area_tolerance=area_tolerance)
-                except ValueError as exc:
-                    skipped.append((i, f"deletion test: {exc}"))
-                else:
-                    srow["base_score"] = res.base
-                    for d in DELETIONS:
-                        srow[f"drop_{d}"] = res.drops[d]
-                        srow[f"{d}_region"] = "+".join(f"AU{a}" for a in res.regions[d])
-                        srow[f"{d}_area"] = res.areas[d]
-                    for order, vals in res.curves.items():
-                        for k, v in enumerate(vals):
-                            curve_rows.append({"sample": i, "order": order, "k": k, "score": float(v),
-                                               "deleted_area": float(res.curve_areas[order][k])})
+            why = _deletion_rows(model, x, ev, i, deletion, seed, srow, curve_rows) if deletion is not None else None
+            if why:
+                skipped.append((i, why))
             sample_rows.append(srow)
             if len(examples) < n_examples:
                 examples.append(ev)
@@ -882,21 +966,15 @@ def evaluate_dataset(model: nn.Module, dataset: Any, n_samples: int | None = 64,
                                               "mass_share", "area_share", "in_class", "true_intensity"])
     samples = pd.DataFrame(sample_rows)
     curves = pd.DataFrame(curve_rows, columns=["sample", "order", "k", "score", "deleted_area"])
-    summary: dict[str, Any] = {
-        "n_requested": len(indices), "n_explained": int(len(samples)), "n_skipped": len(skipped),
-        "map": map_name if map_name != ATTENTION else f"attention:{tapped_layers(model, layer or 'last')[0]}",
-        "threshold": threshold, "target": target, "fill": fill, "score": score,
-        "accuracy": float(samples["correct"].mean()) if len(samples) else float("nan"),
-        "outside_mass_mean": float(samples["outside_mass"].mean()) if len(samples) else float("nan"),
-        "outside_area_mean": float(samples["outside_area"].mean()) if len(samples) else float("nan"),
-        "spearman": spearman_summary(evidence),
-        "deletion": deletion_summary(samples) if deletion and len(samples) else {"available": False},
-        "curves": curve_summary(curves),
-        "config": {"n_samples": n_samples, "map": map_name, "layer": layer, "target": target, "threshold": threshold,
-                   "deletion": deletion, "fill": fill, "score": score, "seed": seed,
-                   "area_tolerance": area_tolerance, "model": getattr(model, "config", None),
-                   "dataset": f"{getattr(dataset, 'name', '')}:{getattr(dataset, 'split', '')}"},
-    }
+    map_label = settings.map_name if settings.map_name != ATTENTION else \
+        f"attention:{tapped_layers(model, settings.layer or 'last')[0]}"
+    summary = _report_summary(evidence, samples, curves, settings, map_label, deletion, len(indices), len(skipped))
+    d = deletion or DeletionSettings()
+    summary["config"] = {"n_samples": n_samples, "map": settings.map_name, "layer": settings.layer,
+                         "target": settings.target, "threshold": settings.threshold, "deletion": deletion is not None,
+                         "fill": d.fill, "score": d.score, "seed": seed, "area_tolerance": d.area_tolerance,
+                         "model": getattr(model, "config", None),
+                         "dataset": f"{getattr(dataset, 'name', '')}:{getattr(dataset, 'split', '')}"}
     return EvidenceReport(evidence=evidence, samples=samples, curves=curves, summary=summary, skipped=skipped,
                           examples=examples)
 
@@ -911,7 +989,7 @@ def class_evidence(evidence: Any, by: str = "pred", class_names: Sequence[str] |
     return table
 
 
-def codebook_agreement(class_table: Any) -> Any:
+def codebook_evidence_agreement(class_table: Any) -> Any:
     """Per class: mean evidence of its codebook AUs vs the other AUs, and the AUC (P(codebook AU > other AU))."""
     import pandas as pd
 
@@ -940,8 +1018,6 @@ def evidence_figure(ev: AUEvidence, path: str | os.PathLike | None = None, show_
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_hex
     from matplotlib.lines import Line2D
-
-    from fer_lib.plots import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.9), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     image = ev.image if ev.image is not None else np.full((*ev.saliency.shape, 3), 128, np.uint8)
@@ -994,8 +1070,6 @@ def deletion_figure(reports: Mapping[str, EvidenceReport], path: str | os.PathLi
     (mean change of the score from the original face, +- standard error)."""
     import matplotlib.pyplot as plt
 
-    from fer_lib.plots import save_figure
-
     fig, axes = plt.subplots(1, 1 + len(reports), figsize=(4.2 * (1 + len(reports)), 3.6), squeeze=False)
     axes = axes[0]
     width = 0.8 / max(1, len(reports))
@@ -1037,8 +1111,6 @@ def spearman_figure(reports: Mapping[str, EvidenceReport], path: str | os.PathLi
     """Per-image Spearman(evidence, true AU intensity) for each model (box + points), and per AU."""
     import matplotlib.pyplot as plt
 
-    from fer_lib.plots import save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 2]})
     data, labels = [], []
     for name, rep in reports.items():
@@ -1077,8 +1149,6 @@ def codebook_figure(class_table: Any, path: str | os.PathLike | None = None, tit
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from fer_lib.plots import save_figure
-
     fig, ax = plt.subplots(figsize=(0.45 * class_table.shape[1] + 2.5, 0.45 * class_table.shape[0] + 1.6))
     vals = class_table.to_numpy(float)
     im = ax.imshow(vals, cmap="magma", aspect="auto")
@@ -1097,26 +1167,30 @@ def codebook_figure(class_table: Any, path: str | os.PathLike | None = None, tit
 
 
 # ----------------------------------------------------------------------------- notebook helper
-def train_pair(out_dir: str | os.PathLike, image_size: int = 64, epochs: int = 1, n_per_class: Any = 8,
-               max_steps_per_epoch: int | None = 2, backbone: str = "resnet18", au_weight: float = 9.0,
-               landmarks: str = "ground_truth", lr: float = 0.03, batch_size: int = 16, seed: int = 0,
-               device: str = "cpu") -> dict[str, Path]:
-    """Train (or reuse) a CE-only baseline and an AU-guided model on the synthetic set; their best.pt paths.
+#: TrainConfig fields of `train_pair`'s tiny runs (any TrainConfig field can be overridden)
+TINY_PAIR: dict[str, Any] = {
+    "dataset": "synthetic", "landmarks": "ground_truth", "backbone": "resnet18", "image_size": 64, "epochs": 1,
+    "batch_size": 16, "lr": 0.03, "seed": 0, "device": "cpu", "max_steps_per_epoch": 2,
+    "dataset_kwargs": {"n_per_class": 8, "progress": False},
+}
 
-    A smoke-test helper for the notebook when no checkpoints are given: tiny and near chance
-    by default; raise image_size / epochs / n_per_class for meaningful numbers.
+
+def train_pair(out_dir: str | os.PathLike, config: Mapping[str, Any] | None = None, au_weight: float = 9.0,
+               roles: Sequence[str] = ("baseline", "guided")) -> dict[str, Path]:
+    """Train (or reuse) a CE-only baseline (lambda 0) and an AU-guided model (lambda `au_weight`) with the same
+    TrainConfig fields (TINY_PAIR, then `config`) into <out_dir>/<role>; their best.pt paths by role.
+
+    A smoke-test helper for the notebooks when no checkpoints are given: tiny and near chance
+    by default; raise image_size / epochs / dataset_kwargs' n_per_class for meaningful numbers.
     """
-    from fer_lib.training.train import TrainConfig, train
-
     out_dir = Path(out_dir)
-    common = dict(dataset="synthetic", landmarks=landmarks, backbone=backbone, image_size=int(image_size),
-                  epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed), device=device,
-                  max_steps_per_epoch=max_steps_per_epoch,
-                  dataset_kwargs={"n_per_class": n_per_class, "progress": False})
+    common = {**TINY_PAIR, **dict(config or {})}
     paths = {}
-    for name, weight in (("baseline", 0.0), ("guided", float(au_weight))):
+    for name in roles:
+        check_choice("role", name, ("baseline", "guided"))
         run = out_dir / name
-        train(TrainConfig(au_weight=weight, out_dir=str(run), **common))
+        train(TrainConfig(**{**common, "au_weight": 0.0 if name == "baseline" else float(au_weight),
+                             "out_dir": str(run)}))
         paths[name] = run / "checkpoints" / "best.pt"
     return paths
 
@@ -1139,8 +1213,6 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     pattern that matches nothing raises ConfigError. Duplicates are dropped, order kept.
     """
     import glob
-
-    from fer_lib.faces.landmarks import IMAGE_EXTENSIONS
 
     out: list[str] = []
     for item in items:
@@ -1198,9 +1270,7 @@ def faces_overview(photo: Any, results: Sequence[ExplainedImage], path: str | os
     """The photo with a box and a label ('0: happiness 0.91') per explained face, written atomically as PNG."""
     import io
 
-    from PIL import Image, ImageDraw, ImageFont
-
-    from fer_lib.utils import atomic_write_bytes
+    from PIL import ImageDraw, ImageFont
 
     image = Image.fromarray(as_rgb_array(photo))
     draw = ImageDraw.Draw(image)
@@ -1237,8 +1307,6 @@ class BatchJournal:
     """
 
     def __init__(self, path: str | os.PathLike, options: Mapping[str, Any]) -> None:
-        from fer_lib.utils import config_hash
-
         self.path = Path(path)
         self.options_hash = config_hash(dict(options))
         self.done: dict[str, dict[str, Any]] = {}
@@ -1333,12 +1401,58 @@ def _face_stem(stem: str, res: ExplainedImage) -> str:
     return stem if res.n_faces <= 1 else f"{stem}_face{res.face}"
 
 
+def _explain_group(model: nn.Module, group: Sequence[str], settings: ExplainSettings, args: argparse.Namespace,
+                   stems: Mapping[str, str], timings: dict[str, float]) -> list[dict[str, Any]]:
+    """Explain one group of photos, write each face's files and the photos' overviews; their journal entries."""
+    names = _class_names(model, int(model.config.get("num_classes") or 0), None)
+    out = Path(args.out)
+    results = explain_images(model, group, settings, cache=args.cache, batch_size=16, timings=timings)
+    t0 = time.perf_counter()
+    entries: dict[str, dict[str, Any]] = {p: {"photo": p, "signature": BatchJournal.signature(p), "rows": [],
+                                              "files": []} for p in group}
+    for res in results:
+        entry = entries[res.source]
+        entry["rows"].append(summary_rows(res, names))
+        if res.evidence is not None:
+            paths = res.evidence.save(out, _face_stem(stems[res.source], res), figure=not args.no_figure)
+            entry["files"] += [str(p) for p in paths.values()]
+    if not args.no_figure:
+        for photo in group:
+            faces = [r for r in results if r.source == photo and r.box is not None]
+            if faces:
+                try:
+                    rgb = explain_photo_rgb(photo)
+                except ImageError:
+                    continue
+                path = faces_overview(rgb, faces, out / f"{stems[photo]}_faces.png")
+                entries[photo]["files"].append(str(path))
+    timings["writing"] += time.perf_counter() - t0
+    return list(entries.values())
+
+
+def _write_batch_summary(out: Path, photos: Sequence[str], rows: list[dict[str, Any]], options: Mapping[str, Any],
+                         resumed: int, speed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write explain_summary.csv (one row per face) and explain_summary.json; the photos that failed."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    cols = list(SUMMARY_COLUMNS[:9]) + [c for c in frame.columns if c.startswith("p_")] + list(SUMMARY_COLUMNS[9:])
+    atomic_write_csv(out / "explain_summary.csv", frame.reindex(columns=cols))
+    explained_photos = sorted({r["photo"] for r in rows if r["status"] == "explained"})
+    failed = [{"source": r["photo"], "reason": r["reason"]} for r in rows if r["face"] is None]
+    atomic_write_json(out / "explain_summary.json", {
+        "run": run_info(dict(options)), "n_images": len(photos), "n_explained": len(explained_photos),
+        "n_faces": sum(r["status"] == "explained" for r in rows), "n_failed": len(failed), "resumed": resumed,
+        "explained": [{"source": r["photo"], "face": r["face"], "box": [r["x0"], r["y0"], r["x1"], r["y1"]],
+                       "predicted": r["predicted"], "probability": r["probability"], "top_aus": r["top_aus"],
+                       "summary": r["summary"]} for r in rows if r["status"] == "explained"],
+        "failed": failed, "speed": speed, "rows": rows})
+    return failed
+
+
 def explain_batch_files(args: argparse.Namespace) -> int:
     """The body of `main`: explain every face of every photo, journal each group, write the batch summary."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    map_name = check_map(args.cam)
+    check_map(args.cam)
     check_threshold(args.threshold)
     if args.max_faces is not None and args.max_faces < 1:
         raise ConfigError(f"--max-faces must be a positive integer (or left out for every face), got {args.max_faces}")
@@ -1346,20 +1460,18 @@ def explain_batch_files(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.crop_margin is not None and not 0.0 <= args.crop_margin <= 2.0:
         raise ConfigError(f"--crop-margin must be in [0, 2] (a fraction of the face box), got {args.crop_margin}")
+    settings = ExplainSettings(map_name=args.cam, layer=args.layer, target=args.target, threshold=args.threshold,
+                               crop_margin=args.crop_margin, max_faces=args.max_faces, progress=False)
     photos = expand_inputs(args.images)
-    from fer_lib.models import load_checkpoint
-
     model, _ = load_checkpoint(args.checkpoint, map_location="cpu", trust=args.trust_checkpoint)
     model = model.to(resolve_device(args.device)).eval()
     if args.layer is not None:
         tapped_layers(model, args.layer)
-    import matplotlib
-
     matplotlib.use("Agg")
     out = Path(args.out)
-    options = {"checkpoint": str(args.checkpoint), "map": map_name, "layer": args.layer, "target": args.target,
-               "threshold": args.threshold, "crop_margin": args.crop_margin, "max_faces": args.max_faces,
-               "figure": not args.no_figure}
+    options = {"checkpoint": str(args.checkpoint), "map": settings.map_name, "layer": args.layer,
+               "target": args.target, "threshold": args.threshold, "crop_margin": args.crop_margin,
+               "max_faces": args.max_faces, "figure": not args.no_figure}
     journal_path = out / "explain_journal.jsonl"
     if args.restart:
         journal_path.unlink(missing_ok=True)
@@ -1370,35 +1482,11 @@ def explain_batch_files(args: argparse.Namespace) -> int:
     if resumed:
         print(f"resuming: {resumed} of {len(photos)} photo(s) already done (see {journal_path}; --restart redoes them)")
     timings = {"landmarks": 0.0, "model": 0.0, "explanation": 0.0, "writing": 0.0}
-    names = _class_names(model, int(model.config.get("num_classes") or 0), None)
     wall = time.perf_counter()
     bar = tqdm(total=len(todo), desc="photos", unit="photo", disable=args.no_progress)
     for start in range(0, len(todo), args.batch_size):
         group = todo[start:start + args.batch_size]
-        results = explain_images(model, group, map_name, args.layer, args.target, args.threshold, cache=args.cache,
-                                 crop_margin=args.crop_margin, batch_size=16, progress=False,
-                                 max_faces=args.max_faces, timings=timings)
-        t0 = time.perf_counter()
-        entries: dict[str, dict[str, Any]] = {p: {"photo": p, "signature": BatchJournal.signature(p), "rows": [],
-                                                  "files": []} for p in group}
-        for res in results:
-            entry = entries[res.source]
-            entry["rows"].append(summary_rows(res, names))
-            if res.evidence is not None:
-                paths = res.evidence.save(out, _face_stem(stems[res.source], res), figure=not args.no_figure)
-                entry["files"] += [str(p) for p in paths.values()]
-        if not args.no_figure:
-            for photo in group:
-                faces = [r for r in results if r.source == photo and r.box is not None]
-                if faces:
-                    try:
-                        rgb = explain_photo_rgb(photo)
-                    except ImageError:
-                        continue
-                    path = faces_overview(rgb, faces, out / f"{stems[photo]}_faces.png")
-                    entries[photo]["files"].append(str(path))
-        timings["writing"] += time.perf_counter() - t0
-        journal.record(list(entries.values()))
+        journal.record(_explain_group(model, group, settings, args, stems, timings))
         bar.update(len(group))
     bar.close()
     elapsed = time.perf_counter() - wall
@@ -1408,25 +1496,12 @@ def explain_batch_files(args: argparse.Namespace) -> int:
             print(f"{row['photo']} [face {row['face']}]: {row['summary']}")
         else:
             print(f"{row['photo']}: FAILED: {row['reason']}")
-    frame = pd.DataFrame(rows)
-    cols = list(SUMMARY_COLUMNS[:9]) + [c for c in frame.columns if c.startswith("p_")] + list(SUMMARY_COLUMNS[9:])
-    frame = frame.reindex(columns=cols)
-    atomic_write_csv(out / "explain_summary.csv", frame)
-    explained_photos = sorted({r["photo"] for r in rows if r["status"] == "explained"})
-    failed = [{"source": r["photo"], "reason": r["reason"]} for r in rows if r["face"] is None]
-    n_faces = sum(r["status"] == "explained" for r in rows)
     done_now = len(todo)
     faces_now = sum(r["status"] == "explained" for p in todo for r in (journal.finished(p) or {"rows": []})["rows"])
     speed = {"photos": done_now, "faces": faces_now, "wall_s": elapsed,
              "photos_per_s": done_now / elapsed if elapsed > 0 else None,
              "faces_per_s": faces_now / elapsed if elapsed > 0 else None, "seconds": timings}
-    atomic_write_json(out / "explain_summary.json", {
-        "run": run_info(options), "n_images": len(photos), "n_explained": len(explained_photos),
-        "n_faces": n_faces, "n_failed": len(failed), "resumed": resumed,
-        "explained": [{"source": r["photo"], "face": r["face"], "box": [r["x0"], r["y0"], r["x1"], r["y1"]],
-                       "predicted": r["predicted"], "probability": r["probability"], "top_aus": r["top_aus"],
-                       "summary": r["summary"]} for r in rows if r["status"] == "explained"],
-        "failed": failed, "speed": speed, "rows": rows})
+    failed = _write_batch_summary(out, photos, rows, options, resumed, speed)
     if done_now:
         print(f"{done_now} photo(s), {faces_now} face(s) in {elapsed:.1f} s: {speed['photos_per_s']:.2f} photos/s, "
               f"{speed['faces_per_s']:.2f} faces/s (landmarks {timings['landmarks']:.1f} s, model "
@@ -1439,16 +1514,12 @@ def explain_batch_files(args: argparse.Namespace) -> int:
 
 def explain_photo_rgb(photo: Any) -> np.ndarray:
     """A photo as explain reads it for detection: upright, at most DETECT_MAX_SIDE on its longer side."""
-    from fer_lib.faces.landmarks import DETECT_MAX_SIDE, load_image
-
     return load_image(photo, max_side=DETECT_MAX_SIDE) if isinstance(photo, (str, os.PathLike)) else as_rgb_array(photo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: explain every face of each photo; exit status = number of photos that could not be explained
     (max 100), or 2 for an error in the options, the checkpoint or the output folder (one line, no traceback)."""
-    from fer_lib.utils import run_cli
-
     args = build_parser().parse_args(argv)
     return run_cli(lambda: explain_batch_files(args), args.debug, user_errors=(FileNotFoundError, ValueError))
 
@@ -1457,8 +1528,8 @@ __all__ = [
     "ATTENTION", "AUEvidence", "BatchJournal", "CURVE_ORDERS", "FACE_MARGIN", "SUMMARY_COLUMNS", "DEFAULT_THRESHOLD", "DELETIONS", "DeletionResult", "EvidenceReport",
     "ExplainedImage", "FILL_MODES", "MAP_CHOICES", "SCALE_MODES", "SCORE_KINDS", "TABLE_COLUMNS",
     "au_evidence_table", "au_region_masks", "build_parser", "check_map", "check_threshold", "class_evidence",
-    "codebook_agreement", "codebook_figure", "curve_summary", "deletion_figure", "deletion_summary", "deletion_test",
-    "evaluate_dataset", "evidence_figure", "expand_inputs", "explain_batch", "explain_images", "faces_overview", "explanation_maps", "fill_image",
+    "codebook_evidence_agreement", "codebook_figure", "curve_summary", "deletion_figure", "deletion_summary", "deletion_test",
+    "au_evidence_report", "DeletionSettings", "ExplainSettings", "evidence_figure", "expand_inputs", "explain_batch", "explain_images", "faces_overview", "explanation_maps", "fill_image",
     "main", "model_input", "region_groups", "spearman_figure", "spearman_summary", "summarise", "summary_rows",
     "train_pair",
 ]

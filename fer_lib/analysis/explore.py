@@ -18,8 +18,12 @@ maps come from `fer_lib.analysis.interpret` (`layer_attention_maps`, `compute_ca
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,20 +33,57 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fer_lib.analysis.interpret import (CAM_METHODS, check_cam_methods, checkpoint_dataset, compute_cams, denormalise,
+                                        layer_attention_maps, tapped_layers)
 from fer_lib.faces import au
-from fer_lib.analysis.interpret import (CAM_METHODS, check_cam_methods, compute_cams, denormalise, layer_attention_maps,
-                        resolve_device, tapped_layers)
-from fer_lib.faces.landmarks import DETECT_MAX_SIDE, FaceFinder, FaceLandmarks, as_rgb_array, crop_to_face, detect_faces, load_image
+from fer_lib.faces.landmarks import (DETECT_MAX_SIDE, FaceFinder, FaceLandmarks, as_rgb_array, crop_to_face,
+                                     detect_faces, load_image)
 from fer_lib.metrics import map_cosine
-from fer_lib.models.checkpoints import resolve_checkpoint
 from fer_lib.models import TappedModel, input_tensor, load_checkpoint
+from fer_lib.models.checkpoints import resolve_checkpoint
 from fer_lib.plots import overlay, save_figure
-from fer_lib.utils import ConfigError
+from fer_lib.utils import ConfigError, atomic_write_json, resolve_device, run_cli
 
 #: CAM shown by default: works for CNNs and transformers alike
 DEFAULT_CAM = "gradcam"
 _MODEL_CACHE: dict[tuple[str, float, str], TappedModel] = {}
 _DETECTOR: FaceFinder | None = None
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """What `explore` shows and where it runs, validated when made (ConfigError listing the valid choices).
+
+    cam        the CAM method (fer_lib.analysis.interpret.CAM_METHODS)
+    layers     tapped layers whose attention is shown (None: all)
+    target     the class the AU map and CAM are for: None / 'prediction', 'label' (dataset samples), a name or index
+    cam_layer  the layer a grad-cam method weighs (None: the model's last tap)
+    device     None: where the model is (a checkpoint: the CPU); else 'auto', 'cpu', 'cuda', ...
+    max_faces  faces explored in a photo, largest first (None: all)
+    alpha, cmap  the overlays' opacity and colour map
+    """
+
+    cam: str = DEFAULT_CAM
+    layers: Any = None
+    target: int | str | None = None
+    cam_layer: str | None = None
+    device: Any = None
+    max_faces: int | None = None
+    alpha: float = 0.5
+    cmap: str = "jet"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cam", check_cam_methods([self.cam])[0])
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.device is not None:
+            resolve_device(self.device)
+        if self.max_faces is not None and (not isinstance(self.max_faces, int) or self.max_faces < 1):
+            raise ConfigError(f"max_faces must be a positive integer or None (every face), got {self.max_faces!r}")
+
+    def replace(self, **changes: Any) -> "ExploreSettings":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -193,13 +234,14 @@ def _class_index(value: int | str, class_names: Sequence[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- computing
-def explain_input(model: TappedModel, rgb: np.ndarray, anchors: np.ndarray | None, cam: str = DEFAULT_CAM,
-                  layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
-                  cam_layer: str | None = None, label: int | None = None, notes: Sequence[str] = (),
+def explain_input(model: TappedModel, rgb: np.ndarray, anchors: np.ndarray | None,
+                  settings: ExploreSettings | None = None, *, label: int | None = None, notes: Sequence[str] = (),
                   source: str = "") -> Exploration:
-    """Prediction, probabilities, AU map, attention and CAM for one prepared S x S input."""
-    method = check_cam_methods([cam])[0]
-    names = tapped_layers(model, layers)
+    """Prediction, probabilities, AU map, attention and CAM (`settings`, default ExploreSettings()) for one
+    prepared S x S input."""
+    settings = settings or ExploreSettings()
+    method, target = settings.cam, settings.target
+    names = tapped_layers(model, settings.layers)
     class_names = list(model.config.get("class_names") or [f"class_{i}" for i in range(model.config["num_classes"])])
     notes = list(notes)
     device = next(model.parameters()).device
@@ -228,7 +270,7 @@ def explain_input(model: TappedModel, rgb: np.ndarray, anchors: np.ndarray | Non
             notes.append(f"class {name!r} is not in the AU codebook: no AU map")
     shown = layer_attention_maps(model, x, names, scale=True, features=feats)
     raw = layer_attention_maps(model, x, names, size="layer", features=feats)
-    cam_map = compute_cams(model, x, method, torch.tensor([explained]), layer=cam_layer)[0].numpy()
+    cam_map = compute_cams(model, x, method, torch.tensor([explained]), layer=settings.cam_layer)[0].numpy()
     att_cos = {n: math.nan for n in names}
     cam_cos = math.nan
     if au_map is not None and float(au_map.max()) > 0:
@@ -363,30 +405,27 @@ def plot_faces(photo: np.ndarray, results: Sequence[Exploration], alpha: float =
 
 
 # ----------------------------------------------------------------------------- one-call entry points
-def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: str = DEFAULT_CAM,
-            layers: str | Sequence[str | int] | None = None, target: int | str | None = None,
-            crop_face: bool = True, landmarks: FaceLandmarks | np.ndarray | bool | None = None,
-            detector: Any = None, device: str | torch.device | None = None, cam_layer: str | None = None,
-            path: str | os.PathLike | None = None, alpha: float = 0.5, cmap: str = "jet",
-            trust: bool = False, max_faces: int | None = None) -> tuple[Any, Exploration]:
+def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, settings: ExploreSettings | None = None, *,
+            crop_face: bool = True, landmarks: FaceLandmarks | np.ndarray | bool | None = None, detector: Any = None,
+            path: str | os.PathLike | None = None, trust: bool = False) -> tuple[Any, Exploration]:
     """Explain every face of one image (path, array or PIL) with a checkpoint (path, shipped name or model): returns
     (Figure, Exploration of the largest face), that Exploration's `faces` listing every face's.
 
-    `cam`: one of fer_lib.analysis.interpret.CAM_METHODS; `layers`: which tapped layers' attention to
-    show (default all); `target`: the class the AU map and CAM are for (default the
-    prediction; a class name or index); `path` also saves the figure; `trust`: see load_model.
-    Faces are found by fer_lib.faces.landmarks.detect_faces (at most `max_faces`, largest first);
-    a photo with several faces gets an overview (a box and label per face) and one row of
-    panels per face, each face cropped. Given `landmarks` or a `detector` explain one face.
+    `settings` (default ExploreSettings()): the CAM, the attention layers, the class the AU map
+    and CAM are for (default the prediction; a class name or index), device, number of faces and
+    overlay look; `path` also saves the figure; `trust`: see load_model. Faces are found by
+    fer_lib.faces.landmarks.detect_faces (at most `settings.max_faces`, largest first); a photo
+    with several faces gets an overview (a box and label per face) and one row of panels per
+    face, each face cropped. Given `landmarks` or a `detector` explain one face.
     """
-    check_cam_methods([cam])
-    model = load_model(checkpoint, device, trust=trust)
+    settings = settings or ExploreSettings()
+    model = load_model(checkpoint, settings.device, trust=trust)
     size = int(model.config["image_size"])
     source = Path(image).name if isinstance(image, (str, os.PathLike)) else "array"
     photo = load_image(image, max_side=DETECT_MAX_SIDE) if isinstance(image, (str, os.PathLike)) else as_rgb_array(image)
     faces = None
     if detector is None and (landmarks is None or landmarks is True):
-        faces = detect_faces(photo, max_faces, _detector())
+        faces = detect_faces(photo, settings.max_faces, _detector())
     if faces is None or len(faces) <= 1:
         given = faces[0].landmarks if faces else landmarks
         if faces == []:
@@ -394,24 +433,22 @@ def explore(checkpoint: str | os.PathLike | nn.Module | tuple, image: Any, cam: 
         rgb, anchors, notes = prepare_image(photo, size, crop_face=crop_face, detector=detector, landmarks=given)
         if faces == []:
             notes = ["no face found by the landmark detector: no AU map" + (", image not cropped" if crop_face else "")]
-        result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
-                               notes=notes, source=source)
+        result = explain_input(model, rgb, anchors, settings, notes=notes, source=source)
         if faces:
             result.box = faces[0].box
         result.faces = [result]
-        return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+        return plot_exploration(result, alpha=settings.alpha, cmap=settings.cmap, path=path), result
     results = []
     for face in faces:
         rgb, anchors, notes = prepare_image(photo, size, crop_face=True, landmarks=face.landmarks)
         if not crop_face:
             notes.append("several faces: each face is cropped")
-        res = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
-                            notes=notes, source=f"{source} face {face.index}")
+        res = explain_input(model, rgb, anchors, settings, notes=notes, source=f"{source} face {face.index}")
         res.face, res.box = face.index, face.box
         results.append(res)
     for res in results:
         res.faces = results
-    return plot_faces(photo, results, alpha=alpha, cmap=cmap, path=path), results[0]
+    return plot_faces(photo, results, alpha=settings.alpha, cmap=settings.cmap, path=path), results[0]
 
 
 def dataset_sample(dataset: Any, index: int, image_size: int | None = None
@@ -438,18 +475,15 @@ def dataset_sample(dataset: Any, index: int, image_size: int | None = None
 
 
 def explore_sample(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: Any, index: int,
-                   cam: str = DEFAULT_CAM, layers: str | Sequence[str | int] | None = None,
-                   target: int | str | None = None, device: str | torch.device | None = None,
-                   cam_layer: str | None = None, path: str | os.PathLike | None = None, alpha: float = 0.5,
-                   cmap: str = "jet", trust: bool = False) -> tuple[Any, Exploration]:
+                   settings: ExploreSettings | None = None, *, path: str | os.PathLike | None = None,
+                   trust: bool = False) -> tuple[Any, Exploration]:
     """`explore` for item `index` of a dataset (its own landmarks; the true label is shown)."""
-    check_cam_methods([cam])
-    model = load_model(checkpoint, device, trust=trust)
+    settings = settings or ExploreSettings()
+    model = load_model(checkpoint, settings.device, trust=trust)
     rgb, anchors, label = dataset_sample(dataset, index, int(model.config["image_size"]))
     notes = [] if anchors is not None else ["no landmarks for this sample: no AU map"]
-    result = explain_input(model, rgb, anchors, cam=cam, layers=layers, target=target, cam_layer=cam_layer,
-                           label=label, notes=notes, source=f"sample {index}")
-    return plot_exploration(result, alpha=alpha, cmap=cmap, path=path), result
+    result = explain_input(model, rgb, anchors, settings, label=label, notes=notes, source=f"sample {index}")
+    return plot_exploration(result, alpha=settings.alpha, cmap=settings.cmap, path=path), result
 
 
 def ipywidgets_available() -> bool:
@@ -462,12 +496,12 @@ def ipywidgets_available() -> bool:
 
 
 def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: Any = None,
-                  indices: Sequence[int] | None = None, split: str = "test", **kwargs: Any) -> Any:
-    """An ipywidgets slider over dataset samples that redraws `explore_sample` (needs ipywidgets).
+                  indices: Sequence[int] | None = None, split: str = "test", settings: ExploreSettings | None = None,
+                  trust: bool = False) -> Any:
+    """An ipywidgets slider over dataset samples that redraws `explore_sample` with `settings` (needs ipywidgets).
 
     Default dataset: the checkpoint's own `split` (test) split, rebuilt from its saved
-    training config (fer_lib.analysis.interpret.checkpoint_dataset). Extra keyword arguments go to
-    `explore_sample` (cam, layers, target, ...).
+    training config (fer_lib.analysis.interpret.checkpoint_dataset).
     """
     if not ipywidgets_available():
         raise ConfigError("sample_slider needs ipywidgets, which is not installed (it is optional); "
@@ -475,14 +509,12 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    if kwargs.get("cam") is not None:
-        check_cam_methods([kwargs["cam"]])
-    model = load_model(checkpoint, kwargs.pop("device", None), trust=kwargs.pop("trust", False))
+    settings = settings or ExploreSettings()
+    model = load_model(checkpoint, settings.device, trust=trust)
+    settings = settings.replace(device=None)  # the model is where it should be
     if dataset is None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise ConfigError("pass dataset=... when checkpoint is a model (only a checkpoint file records its data)")
-        from fer_lib.analysis.interpret import checkpoint_dataset
-
         dataset = checkpoint_dataset(checkpoint, split=split)
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
     if not indices:
@@ -494,7 +526,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
     def render(change: Any = None) -> None:
         with out:
             out.clear_output(wait=True)
-            fig, _ = explore_sample(model, dataset, indices[slider.value], **kwargs)
+            fig, _ = explore_sample(model, dataset, indices[slider.value], settings)
             from IPython.display import display
 
             display(fig)
@@ -506,7 +538,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
 
 
 __all__ = ["CAM_METHODS", "DEFAULT_CAM", "Exploration", "dataset_sample", "explain_input", "explore",
-           "explore_sample", "ipywidgets_available", "load_model", "main", "plot_exploration", "plot_faces",
+           "explore_sample", "ExploreSettings", "ipywidgets_available", "load_model", "main", "plot_exploration", "plot_faces",
            "prepare_image", "sample_slider", "to_input"]
 
 
@@ -514,11 +546,6 @@ __all__ = ["CAM_METHODS", "DEFAULT_CAM", "Exploration", "dataset_sample", "expla
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fer_lib.analysis.explore CHECKPOINT IMAGE --out fig.png`: the figure of `explore` for every face, and each
     face's numbers as JSON; errors print one line and exit 2 (--debug adds the traceback)."""
-    import argparse
-    import json
-
-    from fer_lib.utils import atomic_write_json, run_cli
-
     p = argparse.ArgumentParser(prog="python -m fer_lib.analysis.explore", description=main.__doc__.split(":")[0])
     p.add_argument("checkpoint", help="a fer_lib checkpoint or a shipped name (python -m fer_lib.models.checkpoints list)")
     p.add_argument("image", help="a photo; every face in it is explored")
@@ -540,9 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_faces is not None and args.max_faces < 1:
             raise ConfigError(f"--max-faces must be a positive integer, got {args.max_faces}")
         out = Path(args.out)
-        fig, result = explore(args.checkpoint, args.image, cam=args.cam, layers=args.layers, target=args.target,
-                              crop_face=not args.no_crop, device=args.device, path=out, trust=args.trust_checkpoint,
-                              max_faces=args.max_faces)
+        settings = ExploreSettings(cam=args.cam, layers=args.layers, target=args.target, device=args.device,
+                                   max_faces=args.max_faces)
+        fig, result = explore(args.checkpoint, args.image, settings, crop_face=not args.no_crop, path=out,
+                              trust=args.trust_checkpoint)
         summaries = [r.summary() for r in result.faces]
         atomic_write_json(out.with_suffix(".json"), {"image": str(args.image), "faces": summaries})
         for r in summaries:
@@ -554,6 +582,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

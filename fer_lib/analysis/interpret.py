@@ -5,16 +5,21 @@ the action units of the expression it recognises. This module answers it for any
 `TappedModel` (fer_lib.models):
 
 * `layer_attention_maps`: a tapped layer's attention (mean over channels), upsampled.
-* `compute_cams`: CAMs through pytorch-grad-cam (GradCAM, GradCAM++, LayerCAM, HiResCAM,
-  XGradCAM, ScoreCAM, EigenCAM) for CNNs and ViTs (the model's `to_spatial` is the reshape
-  transform), plus the model's own CAM (classifier weights x last features, "cam") for
-  GAP-headed CNNs. Every map is (B, H, W) at image size in [0, 1] (ReLU, then min-max).
+* `compute_cams`: the CAM of any method in the registry (`CAM_REGISTRY`, `register_cam`, like
+  timm's register_model): pytorch-grad-cam's GradCAM, GradCAM++, LayerCAM, HiResCAM, XGradCAM,
+  ScoreCAM, EigenCAM for CNNs and ViTs (the model's `to_spatial` is the reshape transform), plus
+  the model's own CAM (classifier weights x last features, "cam") for GAP-headed CNNs. Every map
+  is (B, H, W) at image size in [0, 1] (ReLU, then min-max). A new method is one decorated
+  pytorch-grad-cam `BaseCAM` subclass or function: `@register_cam("mycam")`.
+* `CAMSettings`: the CAM parameters (methods, layers, target, threshold, device, ScoreCAM batch,
+  max samples, seed, progress) in one validated, frozen object that every function here takes.
 * `map_cosine` (fer_lib.metrics, the number training reports), `map_pearson`,
   `energy_ratio` (share of the map's mass inside the AU regions) and `region_fraction`
   (the AU regions' share of the image: what a uniform map would score).
-* `evaluate_interpretability` / `evaluate_checkpoint`: ATT-COS per layer, CAM-COS per method,
-  Pearson and energy ratio over the valid samples (landmarks found and a class with AUs),
-  plus accuracy (CL) over all samples; a tidy per-sample DataFrame and a summary dict.
+* `evaluate_interpretability`: ATT-COS per layer, CAM-COS per method, Pearson and energy ratio
+  over the valid samples (landmarks found and a class with AUs), plus accuracy (CL) over all
+  samples; a tidy per-sample DataFrame and a summary dict. A model or checkpoint is evaluated
+  on a dataset through the one entry point, fer_lib.analysis.evaluate.evaluate, which calls it.
 * `faithfulness_scores`: ROAD (most/least relevant first) and the CAM-times-image confidence
   change from pytorch-grad-cam's metrics, with two control "explanations" scored the same
   way: the AU prior itself ("au_prior") and a smooth random map ("random"). A map that only
@@ -26,49 +31,41 @@ Pearson and energy ratio use the attention min-max scaled to [0, 1], the same fo
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from fer_lib.models.checkpoints import read_checkpoint
+from fer_lib.data import build_datasets
+from fer_lib.faces.au import CODEBOOK, EXPRESSIONS
 from fer_lib.metrics import classification_metrics, map_cosine
-from fer_lib.models import layer_attention, load_checkpoint
+from fer_lib.models import layer_attention
 from fer_lib.models import resolve_layers as _resolve_model_layers
+from fer_lib.models.checkpoints import read_checkpoint
 from fer_lib.plots import save_figure
-from fer_lib.utils import ConfigError, atomic_write_csv, atomic_write_json, check_choice, run_info, resolve_device
+from fer_lib.utils import (ConfigError, atomic_write_csv, atomic_write_json, check_choice, check_number, resolve_device,
+                           run_info)
 
-# pytorch-grad-cam's methods, by the names notebooks and configs use.
+# pytorch-grad-cam is the engine of every gradient/activation CAM
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
                               XGradCAM)
+from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.metrics.road import (ROADLeastRelevantFirstAverage,
                                            ROADMostRelevantFirstAverage)
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
-#: grad-cam classes by method name
-GRAD_CAM_METHODS: dict[str, type] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "scorecam": ScoreCAM,
-    "eigencam": EigenCAM,
-}
 #: the model's own CAM (Zhou et al. 2016): classifier weights x last features, GAP + linear heads only
 OWN_CAM = "cam"
-#: every CAM method name accepted by `compute_cams`
-CAM_METHODS: tuple[str, ...] = (*GRAD_CAM_METHODS, OWN_CAM)
-#: methods that are cheap enough for a default run (ScoreCAM needs one forward pass per channel)
-DEFAULT_CAM_METHODS: tuple[str, ...] = ("cam", "gradcam", "gradcam++", "layercam", "hirescam", "xgradcam",
-                                        "eigencam")
 #: which class a CAM explains
 TARGET_MODES: tuple[str, ...] = ("label", "prediction")
 #: control explanations for the faithfulness table
@@ -84,6 +81,79 @@ FAITHFULNESS_DIRECTION: dict[str, str] = {
     "road_combined": "higher is more faithful ((lerf - morf) / 2)",
     "cam_mult": "higher is more faithful (keeping only the map should keep the confidence)",
 }
+
+
+# ----------------------------------------------------------------------------- the CAM registry
+@dataclass(frozen=True)
+class CAMMethod:
+    """A registered CAM method: `run(model, images, class_ids, layer=..., score_cam_batch_size=...)` returns
+    (B, H, W) maps in [0, 1]; `engine` is the pytorch-grad-cam class it runs (None for the model's own CAM)."""
+
+    name: str
+    run: Callable[..., torch.Tensor]
+    default: bool = True
+    engine: type | None = None
+
+
+#: CAM methods by name, in registration order (register_cam adds one)
+CAM_REGISTRY: dict[str, CAMMethod] = {}
+
+
+def register_cam(name: str, *, default: bool = True) -> Callable[[Any], Any]:
+    """Register a CAM method under `name` (like timm's register_model); returns the decorated object unchanged.
+
+    Decorate a pytorch-grad-cam `BaseCAM` subclass (it runs through the grad-cam engine on the
+    tapped layer, with the model's `to_spatial` as reshape transform: overriding one hook such as
+    `get_cam_weights` is a new method), or a function `(model, images, class_ids, *, layer,
+    score_cam_batch_size) -> (B, H, W)` in [0, 1]. `default=False` leaves it out of a default run
+    (DEFAULT_CAM_METHODS), as ScoreCAM is (one forward pass per channel).
+    """
+    key = str(name).strip().lower()
+
+    def add(obj: Any) -> Any:
+        if key in CAM_REGISTRY:
+            raise ValueError(f"CAM method {key!r} is already registered")
+        if isinstance(obj, type) and issubclass(obj, BaseCAM):
+            CAM_REGISTRY[key] = CAMMethod(key, functools.partial(_run_grad_cam, obj), default, obj)
+        elif callable(obj):
+            CAM_REGISTRY[key] = CAMMethod(key, obj, default)
+        else:
+            raise TypeError(f"register_cam({key!r}) decorates a pytorch-grad-cam BaseCAM subclass or a function, "
+                            f"got {type(obj).__name__}")
+        return obj
+
+    return add
+
+
+class _RegistryNames(collections.abc.Sequence):
+    """A live, read-only tuple-like view of registered CAM names (so that methods registered later appear)."""
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        self._names = names
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, _RegistryNames)) else other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+#: every CAM method name accepted by `compute_cams` (the registry, in registration order)
+CAM_METHODS: Sequence[str] = _RegistryNames(lambda: tuple(CAM_REGISTRY))
+#: the pytorch-grad-cam methods among them
+GRAD_CAM_METHODS: Sequence[str] = _RegistryNames(lambda: tuple(n for n, m in CAM_REGISTRY.items() if m.engine))
+#: methods cheap enough for a default run: the model's own CAM first (the paper's headline), then the others
+DEFAULT_CAM_METHODS: Sequence[str] = _RegistryNames(lambda: tuple(sorted(
+    (n for n, m in CAM_REGISTRY.items() if m.default), key=lambda n: n != OWN_CAM)))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,6 +176,67 @@ def check_cam_methods(methods: str | Iterable[str] | None) -> list[str]:
 def check_target(target: str) -> str:
     """Return `target` if it is 'label' or 'prediction', else raise ConfigError."""
     return check_choice("CAM target", target, TARGET_MODES)
+
+
+@dataclass(frozen=True)
+class CAMSettings:
+    """The CAM parameters of every analysis here, validated once when made (ConfigError naming what is accepted).
+
+    cam_methods           names: 'a,b', a list, 'all'; None -> DEFAULT_CAM_METHODS; 'none' or empty -> no CAM
+    layers                tapped layers for attention maps (None / 'all': every tap; see `tapped_layers`)
+    cam_layer             the layer grad-cam methods weigh (None: the model's last tap)
+    target                the class a CAM explains: 'label' or 'prediction'
+    threshold             AU region = AU map > threshold (energy ratio, region share), in [0, 1)
+    device                'auto' / None, 'cpu', 'cuda', 'cuda:N' (fer_lib.utils.resolve_device)
+    score_cam_batch_size  ScoreCAM's forward batch
+    max_samples           at most this many samples get maps (None: all)
+    seed                  seeded subsets, ROAD's imputer noise and the random control maps
+    progress              progress bars
+    """
+
+    cam_methods: Any = None
+    layers: Any = None
+    cam_layer: str | None = None
+    target: str = "label"
+    threshold: float = 0.1
+    device: Any = None
+    score_cam_batch_size: int = 32
+    max_samples: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        methods = self.cam_methods
+        if isinstance(methods, str) and methods.strip().lower() == "none":
+            methods = ()
+        object.__setattr__(self, "cam_methods", tuple(check_cam_methods(methods)))
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_target(self.target)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"threshold must be in [0, 1); got {self.threshold}")
+        resolve_device(self.device)
+        check_number("score_cam_batch_size", self.score_cam_batch_size, integer=True, minimum=1)
+        if self.max_samples is not None:
+            check_number("max_samples", self.max_samples, integer=True, minimum=1)
+        check_number("seed", self.seed, integer=True)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None, **overrides: Any) -> "CAMSettings":
+        """Settings from the fields found in `params` (e.g. a notebook's parameters; other keys are ignored),
+        then `overrides` (which must be fields)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(params or {}).items() if k in names}, **overrides)
+
+    def replace(self, **changes: Any) -> "CAMSettings":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The resolved device."""
+        return resolve_device(self.device)
 
 
 def tapped_layers(model: nn.Module, layers: str | int | Iterable[str | int] | None = None) -> list[str]:
@@ -298,7 +429,32 @@ def _quiet_score_cam() -> Iterator[None]:
         score_cam_module.tqdm = original
 
 
-def own_cam(model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+def _run_grad_cam(engine: type, model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor, *,
+                  layer: str | None = None, score_cam_batch_size: int = 32) -> torch.Tensor:
+    """Run a pytorch-grad-cam method on the tapped `layer` (see `cam_target_layer`); (B, H, W) in [0, 1] on the CPU."""
+    cam = engine(model=LogitsOnly(model), target_layers=[cam_target_layer(model, layer)],
+                 reshape_transform=model.to_spatial)
+    if issubclass(engine, ScoreCAM):
+        cam.batch_size = int(score_cam_batch_size)
+    targets = [ClassifierOutputTarget(int(c)) for c in class_ids]
+    try:
+        # the input requires grad so gradients reach the target layer even when weights are frozen
+        x = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), _quiet_score_cam():
+            maps = cam(input_tensor=x, targets=targets)
+    finally:
+        cam.activations_and_grads.release()
+    maps = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    return torch.nan_to_num(maps, nan=0.0).clamp_(0.0, 1.0)
+
+
+for _name, _engine in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("layercam", LayerCAM),
+                       ("hirescam", HiResCAM), ("xgradcam", XGradCAM), ("scorecam", ScoreCAM), ("eigencam", EigenCAM)):
+    register_cam(_name, default=_name != "scorecam")(_engine)
+
+
+@register_cam(OWN_CAM)
+def own_cam(model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor, **_grad_cam_options: Any) -> torch.Tensor:
     """The model's own CAM (classifier weights x last features), (B, H, W) in [0, 1].
 
     Defined only where logits = Linear(global-average-pool(features)): checked on the batch,
@@ -332,7 +488,7 @@ def own_cam(model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor) -> 
 
 def compute_cams(model: nn.Module, images: torch.Tensor, method: str, class_ids: torch.Tensor,
                  layer: str | None = None, score_cam_batch_size: int = 32) -> torch.Tensor:
-    """CAMs of `method` for `class_ids` as (B, H, W) float32 in [0, 1] on the CPU.
+    """CAMs of the registered `method` for `class_ids` as (B, H, W) float32 in [0, 1] on the CPU.
 
     Grad-cam methods weigh the tapped `layer` (default: the last; see `cam_target_layer`)
     with the model's `to_spatial` as reshape transform; runs on the model's device.
@@ -341,24 +497,8 @@ def compute_cams(model: nn.Module, images: torch.Tensor, method: str, class_ids:
     class_ids = torch.as_tensor(class_ids).view(-1).long()
     if class_ids.numel() != images.shape[0]:
         raise ValueError(f"{class_ids.numel()} class ids for {images.shape[0]} images")
-    device = next(model.parameters()).device
-    images = images.to(device)
-    if method == OWN_CAM:
-        return own_cam(model, images, class_ids)
-    cam = GRAD_CAM_METHODS[method](model=LogitsOnly(model), target_layers=[cam_target_layer(model, layer)],
-                                   reshape_transform=model.to_spatial)
-    if method == "scorecam":
-        cam.batch_size = int(score_cam_batch_size)
-    targets = [ClassifierOutputTarget(int(c)) for c in class_ids]
-    try:
-        # the input requires grad so gradients reach the target layer even when weights are frozen
-        x = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), _quiet_score_cam():
-            maps = cam(input_tensor=x, targets=targets)
-    finally:
-        cam.activations_and_grads.release()
-    maps = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-    return torch.nan_to_num(maps, nan=0.0).clamp_(0.0, 1.0)
+    images = images.to(next(model.parameters()).device)
+    return CAM_REGISTRY[method].run(model, images, class_ids, layer=layer, score_cam_batch_size=score_cam_batch_size)
 
 
 # ----------------------------------------------------------------------------- dataset evaluation
@@ -396,102 +536,80 @@ def _class_names(model: nn.Module, loader: Any, class_names: Sequence[str] | Non
     names = getattr(model, "config", {}).get("class_names")
     if names:
         return list(names)
-    from fer_lib.faces.au import EXPRESSIONS
-
     return list(EXPRESSIONS)
 
 
 def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    return tqdm(iterable, desc=desc, total=total, leave=False) if progress else iterable
 
 
-def evaluate_interpretability(model: nn.Module, loader: Iterable, cam_methods: str | Iterable[str] | None = None,
-                              layers: str | Iterable[str] | None = None, target: str = "label",
-                              threshold: float = 0.1, device: str | torch.device | None = None,
-                              cam_layer: str | None = None, score_cam_batch_size: int = 32,
-                              class_names: Sequence[str] | None = None, max_samples: int | None = None,
-                              progress: bool = True, config: Mapping[str, Any] | None = None
-                              ) -> InterpretabilityResult:
-    """ATT-COS per layer, CAM-COS per method (+ Pearson, energy ratio) vs AU maps, and accuracy.
+def _contract_batch(batch: Any) -> tuple[Any, Any, Any, Any]:
+    try:
+        images, labels, au_maps, has_lm = batch[:4]
+    except (TypeError, ValueError) as exc:
+        raise ValueError("loader must yield (image, label, au_map, has_landmarks) batches (contract 1)") from exc
+    return images, labels, au_maps, has_lm
 
-    `loader` yields contract-1 batches (image, label, au_map, has_landmarks). Map scores are
-    computed over valid samples only (landmarks and a class with AUs); CAMs are computed
-    only for those. Accuracy (CL) and macro-F1 are over all samples.
-    """
-    import pandas as pd
 
-    methods = check_cam_methods(cam_methods)
-    check_target(target)
-    names = tapped_layers(model, layers)
-    if not 0.0 <= threshold < 1.0:
-        raise ConfigError(f"threshold must be in [0, 1); got {threshold}")
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    classes = _class_names(model, loader, class_names)
-    rows: list[dict[str, Any]] = []
-    preds_rows: list[dict[str, Any]] = []
-    seen = 0
-    total = None
-    if max_samples is None and hasattr(loader, "__len__"):
-        total = len(loader)
-    for batch in _tqdm(loader, progress, "interpret", total):
-        if max_samples is not None and seen >= max_samples:
-            break
-        try:
-            images, labels, au_maps, has_lm = batch[:4]
-        except (TypeError, ValueError) as exc:
-            raise ValueError("loader must yield (image, label, au_map, has_landmarks) batches (contract 1)") from exc
-        if max_samples is not None:
-            keep = max_samples - seen
-            images, labels, au_maps, has_lm = images[:keep], labels[:keep], au_maps[:keep], has_lm[:keep]
-        b = images.shape[0]
-        images = images.to(dev)
-        labels = torch.as_tensor(labels).view(-1).long()
-        au_maps = _as_b1hw(au_maps, "au_map").to(dev)
-        valid = valid_au_mask(au_maps, has_lm)
-        with torch.no_grad():
-            logits, feats = model(images)
-        probs = logits.float().softmax(dim=1).cpu()
-        preds = probs.argmax(dim=1)
-        class_ids = class_ids_for(model, images, labels, target, logits=logits)
-        for i in range(b):
-            preds_rows.append({"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
-                               "pred": int(preds[i]), "pred_name": classes[int(preds[i])],
-                               "correct": bool(preds[i] == labels[i]), "confidence": float(probs[i, preds[i]]),
-                               "has_landmarks": bool(torch.as_tensor(has_lm).view(-1)[i]), "valid": bool(valid[i])})
-        vidx = torch.nonzero(valid).view(-1)
-        if len(vidx):
-            vdev = vidx.to(dev)
-            target_maps = au_maps[vdev]
-            area = region_fraction(target_maps, threshold).cpu()
-            per_map: list[tuple[str, str, dict[str, torch.Tensor]]] = []
-            raw = layer_attention_maps(model, images, names, size="layer", features=feats)
-            for name in names:
-                att = raw[name][vdev]
-                per_map.append(("attention", name, map_scores(
-                    att, target_maps, threshold, pred_scaled=minmax_scale(upsample_maps(att, images.shape[-2:])))))
-            for method in methods:
-                cams = compute_cams(model, images[vdev], method, class_ids[vidx], layer=cam_layer,
-                                    score_cam_batch_size=score_cam_batch_size)
-                per_map.append(("cam", method, map_scores(cams[:, None].to(dev), target_maps, threshold)))
-            for j, i in enumerate(vidx.tolist()):
-                base = {"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
-                        "pred": int(preds[i]), "correct": bool(preds[i] == labels[i]),
-                        "cam_class": int(class_ids[i]), "au_area": float(area[j])}
-                for kind, name, scores in per_map:
-                    rows.append({**base, "kind": kind, "name": name,
-                                 **{k: float(v[j]) for k, v in scores.items()}})
-        seen += b
-    if not preds_rows:
-        raise ValueError("the loader yielded no samples")
-    predictions = pd.DataFrame(preds_rows)
-    columns = ["sample", "label", "label_name", "pred", "correct", "cam_class", "au_area", "kind", "name",
-               "cosine", "pearson", "energy_ratio"]
-    scores = pd.DataFrame(rows, columns=columns)
+def _map_scores_of_batch(model: nn.Module, images: torch.Tensor, feats: Any, target_maps: torch.Tensor,
+                         vidx: torch.Tensor, class_ids: torch.Tensor, names: Sequence[str], cams: CAMSettings
+                         ) -> list[tuple[str, str, dict[str, torch.Tensor]]]:
+    """(kind, name, scores) of every attention layer and CAM method on the valid samples `vidx` of a batch."""
+    vdev = vidx.to(images.device)
+    per_map: list[tuple[str, str, dict[str, torch.Tensor]]] = []
+    raw = layer_attention_maps(model, images, names, size="layer", features=feats)
+    for name in names:
+        att = raw[name][vdev]
+        per_map.append(("attention", name, map_scores(
+            att, target_maps, cams.threshold, pred_scaled=minmax_scale(upsample_maps(att, images.shape[-2:])))))
+    for method in cams.cam_methods:
+        maps = compute_cams(model, images[vdev], method, class_ids[vidx], layer=cams.cam_layer,
+                            score_cam_batch_size=cams.score_cam_batch_size)
+        per_map.append(("cam", method, map_scores(maps[:, None].to(images.device), target_maps, cams.threshold)))
+    return per_map
+
+
+def _score_batch(model: nn.Module, batch: Any, seen: int, names: Sequence[str], classes: Sequence[str],
+                 cams: CAMSettings, rows: list[dict[str, Any]], preds_rows: list[dict[str, Any]]) -> int:
+    """Append one batch's prediction rows and map-score rows (valid samples only); return the batch size."""
+    images, labels, au_maps, has_lm = _contract_batch(batch)
+    if cams.max_samples is not None:
+        keep = cams.max_samples - seen
+        images, labels, au_maps, has_lm = images[:keep], labels[:keep], au_maps[:keep], has_lm[:keep]
+    dev = cams.torch_device
+    b = images.shape[0]
+    images = images.to(dev)
+    labels = torch.as_tensor(labels).view(-1).long()
+    au_maps = _as_b1hw(au_maps, "au_map").to(dev)
+    valid = valid_au_mask(au_maps, has_lm)
+    with torch.no_grad():
+        logits, feats = model(images)
+    probs = logits.float().softmax(dim=1).cpu()
+    preds = probs.argmax(dim=1)
+    class_ids = class_ids_for(model, images, labels, cams.target, logits=logits)
+    for i in range(b):
+        preds_rows.append({"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
+                           "pred": int(preds[i]), "pred_name": classes[int(preds[i])],
+                           "correct": bool(preds[i] == labels[i]), "confidence": float(probs[i, preds[i]]),
+                           "has_landmarks": bool(torch.as_tensor(has_lm).view(-1)[i]), "valid": bool(valid[i])})
+    vidx = torch.nonzero(valid).view(-1)
+    if len(vidx):
+        target_maps = au_maps[vidx.to(dev)]
+        area = region_fraction(target_maps, cams.threshold).cpu()
+        per_map = _map_scores_of_batch(model, images, feats, target_maps, vidx, class_ids, names, cams)
+        for j, i in enumerate(vidx.tolist()):
+            base = {"sample": seen + i, "label": int(labels[i]), "label_name": classes[int(labels[i])],
+                    "pred": int(preds[i]), "correct": bool(preds[i] == labels[i]),
+                    "cam_class": int(class_ids[i]), "au_area": float(area[j])}
+            for kind, name, scores in per_map:
+                rows.append({**base, "kind": kind, "name": name, **{k: float(v[j]) for k, v in scores.items()}})
+    return b
+
+
+def _interpretability_summary(scores: Any, predictions: Any, classes: Sequence[str], names: Sequence[str],
+                              cams: CAMSettings) -> dict[str, Any]:
+    """Accuracy over all samples; ATT-COS / CAM-COS, Pearson and energy ratio averaged over the valid ones."""
+    methods = list(cams.cam_methods)
     cls = classification_metrics(predictions["label"].to_numpy(), predictions["pred"].to_numpy(), classes)
     summary: dict[str, Any] = {
         "n": int(len(predictions)), "n_valid": int(predictions["valid"].sum()),
@@ -499,7 +617,7 @@ def evaluate_interpretability(model: nn.Module, loader: Iterable, cam_methods: s
         "per_class_accuracy": cls.get("per_class_accuracy"), "confusion": cls.get("confusion"),
         "accuracy_valid": float(predictions.loc[predictions["valid"], "correct"].mean())
         if predictions["valid"].any() else float("nan"),
-        "target": target, "threshold": threshold, "layers": names, "cam_methods": methods,
+        "target": cams.target, "threshold": cams.threshold, "layers": list(names), "cam_methods": methods,
         "au_area": _nanmean(scores.drop_duplicates("sample")["au_area"]) if len(scores) else float("nan"),
         "att_cos": {}, "cam_cos": {}, "pearson": {}, "energy_ratio": {},
     }
@@ -510,6 +628,41 @@ def evaluate_interpretability(model: nn.Module, loader: Iterable, cam_methods: s
             summary["pearson"][f"{kind}:{name}"] = _nanmean(sel["pearson"])
             summary["energy_ratio"][f"{kind}:{name}"] = _nanmean(sel["energy_ratio"])
     summary["att_cos_mean"] = _nanmean(list(summary["att_cos"].values()))
+    return summary
+
+
+def evaluate_interpretability(model: nn.Module, loader: Iterable, cams: CAMSettings | None = None, *,
+                              class_names: Sequence[str] | None = None, config: Mapping[str, Any] | None = None
+                              ) -> InterpretabilityResult:
+    """ATT-COS per layer, CAM-COS per method (+ Pearson, energy ratio) vs AU maps, and accuracy.
+
+    `loader` yields contract-1 batches (image, label, au_map, has_landmarks); `cams` (default
+    CAMSettings()) says which maps, on which device, for at most how many samples. Map scores are
+    computed over valid samples only (landmarks and a class with AUs); CAMs are computed only
+    for those. Accuracy (CL) and macro-F1 are over all samples. For a model or checkpoint on a
+    dataset, fer_lib.analysis.evaluate.evaluate is the entry point (it calls this).
+    """
+    import pandas as pd
+
+    cams = cams or CAMSettings()
+    names = tapped_layers(model, cams.layers)
+    model = model.to(cams.torch_device).eval()
+    classes = _class_names(model, loader, class_names)
+    rows: list[dict[str, Any]] = []
+    preds_rows: list[dict[str, Any]] = []
+    seen = 0
+    total = len(loader) if cams.max_samples is None and hasattr(loader, "__len__") else None
+    for batch in _tqdm(loader, cams.progress, "interpret", total):
+        if cams.max_samples is not None and seen >= cams.max_samples:
+            break
+        seen += _score_batch(model, batch, seen, names, classes, cams, rows, preds_rows)
+    if not preds_rows:
+        raise ValueError("the loader yielded no samples")
+    predictions = pd.DataFrame(preds_rows)
+    columns = ["sample", "label", "label_name", "pred", "correct", "cam_class", "au_area", "kind", "name",
+               "cosine", "pearson", "energy_ratio"]
+    scores = pd.DataFrame(rows, columns=columns)
+    summary = _interpretability_summary(scores, predictions, classes, names, cams)
     if config is not None:
         summary["config"] = dict(config)
     return InterpretabilityResult(scores=scores, predictions=predictions, summary=summary)
@@ -530,37 +683,6 @@ def make_loader(dataset: Any, indices: Sequence[int] | None = None, batch_size: 
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
-def evaluate_checkpoint(checkpoint: str | Path | nn.Module, dataset: Any, cam_methods: str | Iterable[str] | None = None,
-                        layers: str | Iterable[str] | None = None, target: str = "label", threshold: float = 0.1,
-                        max_samples: int | None = None, batch_size: int = 16, seed: int = 0,
-                        device: str | torch.device | None = None, score_cam_batch_size: int = 32,
-                        progress: bool = True) -> InterpretabilityResult:
-    """Load a checkpoint (fer_lib.models.load_checkpoint) and run `evaluate_interpretability` on `dataset`.
-
-    `max_samples` draws a seeded random subset; the scores' `sample` column is the dataset index.
-    """
-    check_cam_methods(cam_methods)  # bad options fail here, before the checkpoint and data are loaded
-    check_target(target)
-    resolve_device(device)
-    if isinstance(checkpoint, nn.Module):
-        model, ckpt_path = checkpoint, None
-    else:
-        ckpt_path = Path(checkpoint)
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-        model, _ = load_checkpoint(ckpt_path, map_location="cpu")
-    indices = subset_indices(len(dataset), max_samples, seed)
-    loader = make_loader(dataset, indices, batch_size=batch_size)
-    config = {"checkpoint": str(ckpt_path) if ckpt_path else None, "target": target, "threshold": threshold,
-              "max_samples": max_samples, "seed": seed, "model": getattr(model, "config", None)}
-    result = evaluate_interpretability(model, loader, cam_methods, layers, target, threshold, device,
-                                       score_cam_batch_size=score_cam_batch_size, progress=progress, config=config,
-                                       class_names=getattr(dataset, "class_names", None))
-    for frame in (result.scores, result.predictions):
-        frame["sample"] = [indices[i] for i in frame["sample"]]
-    return result
-
-
 def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = "test", dataset: str | None = None,
                        data_root: str | None = None, landmarks: str | None = None, image_size: int | None = None,
                        seed: int | None = None, **dataset_kwargs: Any) -> Any:
@@ -569,8 +691,6 @@ def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = 
     Any argument given overrides the checkpoint's value (e.g. another `dataset`, in which
     case the checkpoint's dataset options are not reused).
     """
-    from fer_lib.data import build_datasets
-
     ckpt = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
     cfg = dict(ckpt.get("config") or {})
     model_cfg = dict(ckpt.get("model_config") or {})
@@ -656,84 +776,96 @@ def _break_ties(maps: np.ndarray, rng: np.random.Generator, scale: float = 1e-5)
     return (maps + scale * rng.random(maps.shape)).astype(np.float32)
 
 
-def faithfulness_scores(model: nn.Module, loader: Iterable, cam_methods: str | Iterable[str] | None = None,
+def _faithfulness_scorer(metrics: Sequence[str], percentiles: Sequence[int]
+                         ) -> Callable[[torch.Tensor, np.ndarray, list, nn.Module], dict[str, np.ndarray]]:
+    """A function (images, maps, targets, model) -> {metric: per-sample score} over the wanted metrics."""
+    need_morf = any(m in ("road_morf", "road_combined") for m in metrics)
+    need_lerf = any(m in ("road_lerf", "road_combined") for m in metrics)
+    morf = ROADMostRelevantFirstAverage(percentiles) if need_morf else None
+    lerf = ROADLeastRelevantFirstAverage(percentiles) if need_lerf else None
+    mult = CamMultImageConfidenceChange() if "cam_mult" in metrics else None
+
+    @torch.no_grad()
+    def score(x: torch.Tensor, m: np.ndarray, targets: list, wrapped: nn.Module) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        if morf is not None:
+            found["road_morf"] = morf(x, m, targets, wrapped)
+        if lerf is not None:
+            found["road_lerf"] = lerf(x, m, targets, wrapped)
+        if "road_combined" in metrics:
+            found["road_combined"] = (found["road_lerf"] - found["road_morf"]) / 2
+        if mult is not None:
+            found["cam_mult"] = mult(x, m, targets, wrapped)
+        return found
+
+    return score
+
+
+def _explanations(model: nn.Module, x: torch.Tensor, au_maps: torch.Tensor, class_ids: torch.Tensor,
+                  controls: Sequence[str], cams: CAMSettings, seen: int) -> dict[str, np.ndarray]:
+    """Each CAM method's maps, then the control maps (the AU prior, a smooth random map), (B, H, W) numpy."""
+    maps: dict[str, np.ndarray] = {}
+    for method in cams.cam_methods:
+        maps[method] = compute_cams(model, x, method, class_ids, layer=cams.cam_layer,
+                                    score_cam_batch_size=cams.score_cam_batch_size).numpy()
+    if "au_prior" in controls:
+        maps["au_prior"] = upsample_maps(au_maps, x.shape[-2:])[:, 0].numpy()
+    if "random" in controls:
+        maps["random"] = random_smooth_maps(len(x), x.shape[-2:], seed=cams.seed + seen).numpy()
+    return maps
+
+
+def faithfulness_scores(model: nn.Module, loader: Iterable, cams: CAMSettings | None = None, *,
                         metrics: Iterable[str] = ("road_morf", "road_lerf", "road_combined"),
                         controls: Iterable[str] = CONTROL_MAPS, percentiles: Sequence[int] = (20, 50, 80),
-                        target: str = "label", score: str = "probability", max_samples: int | None = 32,
-                        seed: int = 0, device: str | torch.device | None = None, cam_layer: str | None = None,
-                        score_cam_batch_size: int = 32, progress: bool = True) -> Any:
+                        score: str = "probability") -> Any:
     """Faithfulness of each CAM method and control map, tidy DataFrame (sample, method, metric, score).
 
-    ROAD (Rong et al. 2022, pytorch-grad-cam): change of the CAM class's `score` ("probability":
-    softmax, default; "logit": the raw logit) after imputing the most (morf) / least (lerf)
-    relevant pixels, averaged over `percentiles`; road_combined = (lerf - morf) / 2; cam_mult: change after multiplying the
-    image by the map. Valid samples only (the "au_prior" control needs the AU map).
-    See FAITHFULNESS_DIRECTION for how to read each.
+    `cams` (default: CAMSettings(max_samples=32)) gives the methods, target, seed, device and the
+    number of valid samples scored. ROAD (Rong et al. 2022, pytorch-grad-cam): change of the CAM
+    class's `score` ("probability": softmax, default; "logit": the raw logit) after imputing the
+    most (morf) / least (lerf) relevant pixels, averaged over `percentiles`; road_combined =
+    (lerf - morf) / 2; cam_mult: change after multiplying the image by the map. Valid samples
+    only (the "au_prior" control needs the AU map). See FAITHFULNESS_DIRECTION for how to read each.
     """
     import pandas as pd
 
-    methods = check_cam_methods(cam_methods)
+    cams = cams or CAMSettings(max_samples=32)
     metrics = [check_choice("faithfulness metric", m, FAITHFULNESS_METRICS) for m in metrics]
     controls = [check_choice("control map", c, CONTROL_MAPS) for c in controls]
-    check_target(target)
     check_choice("faithfulness score", score, FAITHFULNESS_SCORES)
     target_cls = ClassifierOutputSoftmaxTarget if score == "probability" else ClassifierOutputTarget
     pct = [int(p) for p in percentiles]
     if not pct or any(not 0 < p < 100 for p in pct):
         raise ConfigError(f"percentiles must be integers in (0, 100); got {list(percentiles)}")
-    dev = resolve_device(device)
+    dev, limit = cams.torch_device, cams.max_samples
     model = model.to(dev).eval()
     wrapped = LogitsOnly(model).eval()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cams.seed)
     torch_state = torch.get_rng_state()
-    torch.manual_seed(seed)  # ROAD's imputer adds torch noise
-    need_morf = any(m in ("road_morf", "road_combined") for m in metrics)
-    need_lerf = any(m in ("road_lerf", "road_combined") for m in metrics)
-    morf = ROADMostRelevantFirstAverage(pct) if need_morf else None
-    lerf = ROADLeastRelevantFirstAverage(pct) if need_lerf else None
-    mult = CamMultImageConfidenceChange() if "cam_mult" in metrics else None
+    torch.manual_seed(cams.seed)  # ROAD's imputer adds torch noise
+    scorer = _faithfulness_scorer(metrics, pct)
     rows: list[dict[str, Any]] = []
-    seen = 0
-    done = 0
+    seen = done = 0
     try:
-        for batch in _tqdm(loader, progress, "faithfulness"):
-            if max_samples is not None and done >= max_samples:
+        for batch in _tqdm(loader, cams.progress, "faithfulness"):
+            if limit is not None and done >= limit:
                 break
             images, labels, au_maps, has_lm = batch[:4]
             labels = torch.as_tensor(labels).view(-1).long()
             au_maps = _as_b1hw(au_maps, "au_map")
             vidx = torch.nonzero(valid_au_mask(au_maps, has_lm)).view(-1)
-            if max_samples is not None:
-                vidx = vidx[: max_samples - done]
+            vidx = vidx if limit is None else vidx[: limit - done]
             if len(vidx):
                 x = images[vidx].to(dev)
-                class_ids = class_ids_for(model, x, labels[vidx], target)
+                class_ids = class_ids_for(model, x, labels[vidx], cams.target)
                 targets = [target_cls(int(c)) for c in class_ids]
-                maps: dict[str, np.ndarray] = {}
-                for method in methods:
-                    maps[method] = compute_cams(model, x, method, class_ids, layer=cam_layer,
-                                                score_cam_batch_size=score_cam_batch_size).numpy()
-                if "au_prior" in controls:
-                    maps["au_prior"] = upsample_maps(au_maps[vidx], x.shape[-2:])[:, 0].numpy()
-                if "random" in controls:
-                    maps["random"] = random_smooth_maps(len(vidx), x.shape[-2:], seed=seed + seen).numpy()
-                for name, m in maps.items():
-                    m = _break_ties(m, rng)
-                    with torch.no_grad():
-                        found: dict[str, np.ndarray] = {}
-                        if morf is not None:
-                            found["road_morf"] = morf(x, m, targets, wrapped)
-                        if lerf is not None:
-                            found["road_lerf"] = lerf(x, m, targets, wrapped)
-                        if "road_combined" in metrics:
-                            found["road_combined"] = (found["road_lerf"] - found["road_morf"]) / 2
-                        if mult is not None:
-                            found["cam_mult"] = mult(x, m, targets, wrapped)
-                    for metric in metrics:
-                        for j, i in enumerate(vidx.tolist()):
-                            rows.append({"sample": seen + i, "label": int(labels[i]), "cam_class": int(class_ids[j]),
-                                         "method": name, "kind": "control" if name in CONTROL_MAPS else "cam",
-                                         "metric": metric, "score": float(np.asarray(found[metric]).reshape(-1)[j])})
+                for name, m in _explanations(model, x, au_maps[vidx], class_ids, controls, cams, seen).items():
+                    found = scorer(x, _break_ties(m, rng), targets, wrapped)
+                    rows += [{"sample": seen + i, "label": int(labels[i]), "cam_class": int(class_ids[j]),
+                              "method": name, "kind": "control" if name in CONTROL_MAPS else "cam", "metric": metric,
+                              "score": float(np.asarray(found[metric]).reshape(-1)[j])}
+                             for metric in metrics for j, i in enumerate(vidx.tolist())]
                 done += len(vidx)
             seen += images.shape[0]
     finally:
@@ -800,44 +932,54 @@ def dataset_labels(dataset: Any) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=int)
 
 
-def select_per_class(dataset: Any, per_class: int = 3, seed: int = 0, classes: Iterable[int] | None = None) -> list[int]:
-    """Seeded choice of up to `per_class` dataset indices for each class (class order kept)."""
+def au_map_indices(dataset: Any) -> list[int]:
+    """Indices of the items with a usable AU map: landmarks found and a class with AUs (from `.records`)."""
+    return [i for i, r in enumerate(dataset.records)
+            if r.has_landmarks and CODEBOOK.get(dataset.class_names[r.label])]
+
+
+def select_per_class(dataset: Any, per_class: int = 3, seed: int = 0, classes: Iterable[int] | None = None,
+                     among: Sequence[int] | None = None) -> list[int]:
+    """Seeded choice of up to `per_class` dataset indices for each class (class order kept), optionally only
+    `among` some indices (e.g. `au_map_indices(dataset)`)."""
     labels = dataset_labels(dataset)
+    pool = np.arange(len(labels)) if among is None else np.asarray(list(among), dtype=int)
     rng = np.random.default_rng(seed)
-    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
+    wanted = sorted(set(labels[pool].tolist())) if classes is None else list(classes)
     out: list[int] = []
     for c in wanted:
-        idx = np.flatnonzero(labels == c)
+        idx = pool[labels[pool] == c]
         if len(idx):
             out.extend(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist()))
     return out
 
 
-def collect_sample_maps(model: nn.Module, dataset: Any, indices: Sequence[int],
-                        cam_methods: str | Iterable[str] | None = None, layers: str | Iterable[str] | None = None,
-                        target: str = "label", device: str | torch.device | None = None,
-                        cam_layer: str | None = None, score_cam_batch_size: int = 32, batch_size: int = 16,
-                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> SampleMaps:
-    """Compute images, AU maps, attention and CAMs (all at image size, [0, 1]) for `indices` of `dataset`."""
-    methods = check_cam_methods(cam_methods)
-    names = tapped_layers(model, layers)
-    check_target(target)
+def collect_sample_maps(model: nn.Module, dataset: Any, indices: Sequence[int], cams: CAMSettings | None = None, *,
+                        batch_size: int = 16, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> SampleMaps:
+    """Images, AU maps, attention and CAMs (all at image size, [0, 1]) for `indices` of `dataset`.
+
+    `cams` (default CAMSettings()) gives the CAM methods, attention layers, target, device and CAM layer.
+    """
+    cams = cams or CAMSettings()
+    methods = list(cams.cam_methods)
+    names = tapped_layers(model, cams.layers)
     if not indices:
         raise ValueError("no samples to collect: `indices` is empty")
-    dev = resolve_device(device)
+    dev = cams.torch_device
     model = model.to(dev).eval()
     cfg = getattr(model, "config", {}) or {}
     mean = mean if mean is not None else getattr(dataset, "mean", None) or cfg.get("mean") or (0.5, 0.5, 0.5)
     std = std if std is not None else getattr(dataset, "std", None) or cfg.get("std") or (0.5, 0.5, 0.5)
     parts: dict[str, list] = {k: [] for k in ("images", "labels", "preds", "cls", "au", "valid")}
     att: dict[str, list] = {n: [] for n in names}
-    cams: dict[str, list] = {m: [] for m in methods}
+    maps: dict[str, list] = {m: [] for m in methods}
     for batch in make_loader(dataset, indices, batch_size=batch_size):
         images, labels, au_maps, has_lm = batch[:4]
         x = images.to(dev)
         with torch.no_grad():
             logits, feats = model(x)
-        class_ids = class_ids_for(model, x, labels, target, logits=logits)
+        class_ids = class_ids_for(model, x, labels, cams.target, logits=logits)
         parts["images"].append(denormalise(images, mean, std))
         parts["labels"].append(torch.as_tensor(labels).view(-1).numpy())
         parts["preds"].append(logits.argmax(1).cpu().numpy())
@@ -847,13 +989,13 @@ def collect_sample_maps(model: nn.Module, dataset: Any, indices: Sequence[int],
         for name, m in layer_attention_maps(model, x, names, scale=True, features=feats).items():
             att[name].append(m[:, 0].cpu().numpy())
         for method in methods:
-            cams[method].append(compute_cams(model, x, method, class_ids, layer=cam_layer,
-                                             score_cam_batch_size=score_cam_batch_size).numpy())
+            maps[method].append(compute_cams(model, x, method, class_ids, layer=cams.cam_layer,
+                                             score_cam_batch_size=cams.score_cam_batch_size).numpy())
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     return SampleMaps(indices=list(indices), images=cat["images"], labels=cat["labels"], preds=cat["preds"],
                       cam_classes=cat["cls"], au_maps=cat["au"], valid=cat["valid"],
                       attention={k: np.concatenate(v) for k, v in att.items()},
-                      cams={k: np.concatenate(v) for k, v in cams.items()},
+                      cams={k: np.concatenate(v) for k, v in maps.items()},
                       class_names=_class_names(model, None, getattr(dataset, "class_names", None)))
 
 
@@ -922,13 +1064,13 @@ def class_grid_figure(maps: SampleMaps, map_name: str = "au", per_class: int = 4
 
 
 __all__ = [
-    "CAM_METHODS", "CONTROL_MAPS", "DEFAULT_CAM_METHODS", "FAITHFULNESS_DIRECTION", "FAITHFULNESS_METRICS", "FAITHFULNESS_SCORES",
-    "GRAD_CAM_METHODS", "OWN_CAM", "TARGET_MODES", "InterpretabilityResult", "LogitsOnly", "SampleMaps",
-    "cam_target_layer", "check_cam_methods", "checkpoint_dataset", "combined_scores",
-    "comparison_table", "headline_cam_method", "method_table", "check_target", "class_grid_figure", "class_ids_for",
-    "collect_sample_maps", "compute_cams", "dataset_labels", "denormalise", "energy_ratio", "evaluate_checkpoint",
-    "evaluate_interpretability", "faithfulness_scores", "faithfulness_table", "layer_attention_maps",
+    "CAM_METHODS", "CAM_REGISTRY", "CONTROL_MAPS", "CAMMethod", "CAMSettings", "DEFAULT_CAM_METHODS",
+    "FAITHFULNESS_DIRECTION", "FAITHFULNESS_METRICS", "FAITHFULNESS_SCORES", "GRAD_CAM_METHODS", "OWN_CAM",
+    "TARGET_MODES", "InterpretabilityResult", "LogitsOnly", "SampleMaps", "cam_target_layer", "check_cam_methods",
+    "checkpoint_dataset", "combined_scores", "comparison_table", "headline_cam_method", "method_table", "check_target",
+    "class_grid_figure", "class_ids_for", "collect_sample_maps", "compute_cams", "dataset_labels", "denormalise",
+    "energy_ratio", "evaluate_interpretability", "faithfulness_scores", "faithfulness_table", "layer_attention_maps",
     "make_loader", "map_cosine", "map_pearson", "map_scores", "minmax_scale", "overlay_figure", "own_cam",
-    "random_smooth_maps", "region_fraction", "resolve_device", "tapped_layers", "save_figure",
-    "select_per_class", "subset_indices", "upsample_maps", "valid_au_mask",
+    "random_smooth_maps", "region_fraction", "register_cam", "resolve_device", "tapped_layers", "save_figure",
+    "select_per_class", "au_map_indices", "subset_indices", "upsample_maps", "valid_au_mask",
 ]
