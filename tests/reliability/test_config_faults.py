@@ -6,7 +6,7 @@ import torch
 
 import fer_lib.data as data_mod
 import fer_lib.training.train as train_mod
-from fer_lib.analysis import interpret
+from fer_lib.analysis import evaluate, interpret
 from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.models import build_model, min_image_size
 from fer_lib.training.train import TrainConfig, main
@@ -99,13 +99,13 @@ class Untouchable:
 def test_unknown_cam_method_or_device_fails_before_loading_anything(tmp_path):
     missing = tmp_path / "no_such_checkpoint.pt"  # a check after loading would raise FileNotFoundError instead
     with pytest.raises(ConfigError) as info:
-        interpret.evaluate_checkpoint(missing, Untouchable(), cam_methods="gradcam,gradcamz")
+        evaluate.evaluate(missing, Untouchable(), interpret.CAMSettings(cam_methods="gradcam,gradcamz"))
     assert "unknown CAM method 'gradcamz'" in str(info.value)
     assert all(m in str(info.value) for m in ("gradcam", "gradcam++", "layercam", "scorecam"))
     with pytest.raises(ConfigError, match="valid choices: label, prediction"):
-        interpret.evaluate_checkpoint(missing, Untouchable(), target="logits")
+        evaluate.evaluate(missing, Untouchable(), interpret.CAMSettings(target="logits"))
     with pytest.raises(ConfigError, match="unknown device 'gpu0'; valid choices: auto, cpu, cuda"):
-        interpret.evaluate_checkpoint(missing, Untouchable(), device="gpu0")
+        evaluate.evaluate(missing, Untouchable(), interpret.CAMSettings(device="gpu0"))
 
 
 def test_layer_not_tapped_and_negative_lambda_elsewhere():
