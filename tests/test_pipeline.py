@@ -458,3 +458,41 @@ def test_one_set_syntax_for_experiments_and_training_recipes() -> None:
                            cwd=REPO_ROOT, timeout=120)
     config = json.loads(shown.stdout)
     assert (config["epochs"], config["layers"], config["data_root"]) == (3, ["last", 3], None)
+
+
+@pytest.mark.slow
+def test_a_sweep_through_a_local_dask_cluster_matches_the_local_executor(tmp_path: Path, square_nb: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    exp = experiment(square_nb, [2, 3, 4, 13], jobs=2)
+    local = pipeline.run_experiment(exp, results_root=tmp_path / "local", verbose=False, render=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        remote = pipeline.run_experiment(exp, results_root=tmp_path / "dask", verbose=False, render=False,
+                                         executor="dask", scheduler=client)
+        assert statuses(remote) == statuses(local)
+        assert [rid for rid, status in statuses(remote) if status == "failed"][0].startswith("x=13")
+        assert "deliberate failure for x=13" in next(r.error for r in remote if r.status == "failed")
+        for r in remote:
+            if r.status == "ok":
+                got = json.loads((Path(r.run_dir) / "metrics.json").read_text())
+                want = json.loads((tmp_path / "local/toy/sq" / r.run_id / "metrics.json").read_text())
+                assert (got["x"], got["square"], got["seed"]) == (want["x"], want["square"], want["seed"])
+                assert json.loads((Path(r.run_dir) / "run.json").read_text())["status"] == "ok"
+        again = pipeline.run_experiment(exp, results_root=tmp_path / "dask", verbose=False, render=False,
+                                        executor="dask", scheduler=client)
+        assert sorted(r.status for r in again) == ["failed", "skipped", "skipped", "skipped"]  # resumable
+    assert not list((tmp_path / "dask/toy/sq").glob(".*lock"))
+    with pytest.raises(ConfigError, match="--executor dask needs --scheduler"):
+        pipeline.run_experiment(exp, results_root=tmp_path / "dask", verbose=False, executor="dask")
+
+
+def test_a_run_is_never_executed_twice_at_once(tmp_path: Path) -> None:
+    from fer_lib.utils import file_lock
+    from fer_lib.workflow import run as run_mod
+
+    run_dir = tmp_path / "sq" / "x=2"
+    with file_lock(tmp_path / "sq" / ".x=2.lock", blocking=False, holder="the first executor"):
+        marker = run_mod.execute_run({"run_dir": str(run_dir)})
+    assert marker["status"] == "busy" and "the first executor" in marker["error"]["message"]
+    assert not (run_dir / "run.json").exists()  # the running execution's files are left alone

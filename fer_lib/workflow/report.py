@@ -170,8 +170,8 @@ def headline_table(baseline: Mapping[str, Any] | None, guided: Mapping[str, Any]
 
 
 def _comparison_cam(row: Mapping[str, Any]) -> float | None:
-    """A comparison row's CAM-COS: `cam_cos`; notebook 08 as of schema 1 writes only cam_cos_<method>
-    columns, so the first of those stands in until it writes `cam_cos`."""
+    """A comparison row's CAM-COS: `cam_cos` (notebook 08 writes it); results written before it did have only
+    cam_cos_<method> columns, whose first (the headline method) stands in for them."""
     if row.get("cam_cos") is not None:
         return headline_number(row["cam_cos"])
     cams = [v for k, v in row.items() if k.startswith("cam_cos_") and v is not None]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fer_lib.training.presets import parse_assignments
 from fer_lib.utils import REPO_ROOT, ConfigError, LockHeld, UserError, atomic_write_json, atomic_write_text, \
-    file_lock, git_revision, run_cli
+    check_choice, file_lock, git_revision, run_cli
 from fer_lib.workflow.plan import (DEFAULT_RESULTS, MARKER, Experiment, Run, Stage, is_path_key, portable_value,
     Resolver, available_experiments, code_fingerprint, describe_experiments, is_complete, load_experiment,
     plan_experiment, read_marker)
@@ -122,12 +122,26 @@ def _error_summary(exc: BaseException) -> dict[str, Any]:
 
 
 def execute_run(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Execute one run in this process (the worker side): papermill, then the marker, written last."""
+    """Execute one run in this process (the worker side), never twice at once: a second process that
+    finds the run executing (its lock held, on any machine sharing the folder) gives up at once."""
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    try:
+        with file_lock(lock, blocking=False, holder=f"pid {os.getpid()} on {socket.gethostname()}"):
+            return _execute_notebook(spec, run_dir)
+    except LockHeld as exc:
+        return {"status": "busy", "error": {"type": "RunBusy", "message": str(exc)}}
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _execute_notebook(spec: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """papermill, then the marker, written last."""
     import nbformat
     import papermill   # heavy: imported in the worker process only
 
-    run_dir = Path(spec["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     notebook = Path(spec["notebook"])
     final = run_dir / notebook.name
     partial = run_dir / f".{notebook.stem}.partial.ipynb"
@@ -169,10 +183,13 @@ def execute_run(spec: Mapping[str, Any]) -> dict[str, Any]:
     return marker
 
 
+BUSY_RUN_EXIT = 75  # the worker found the run executing elsewhere (its lock held) and did nothing
+
+
 def _worker_main() -> int:
     spec = json.loads(sys.stdin.read())
     marker = execute_run(spec)
-    return 0 if marker["status"] == "ok" else 1
+    return {"ok": 0, "busy": BUSY_RUN_EXIT}.get(marker["status"], 1)
 
 
 
@@ -196,50 +213,148 @@ class RunResult:
 
 
 
-def _launch(run: Run, spec: dict[str, Any], slots: "queue.Queue[int]", budget: tuple[int, int | None],
-            gpus: Sequence[str], procs: set, fresh: bool = False) -> RunResult:
-    """Execute one run in a worker process (main side) and turn its marker into a RunResult.
-
-    A failed or interrupted run restarts in its folder (training resumes from its checkpoints);
-    a completed one that is redone (changed code, or `fresh`) starts from an empty folder.
-    """
-    slot = slots.get()
-    start = time.perf_counter()
+def _fresh_folder(run: Run, fresh: bool) -> Path:
+    """Prepare the run's folder: a failed or interrupted run restarts in it (training resumes from its
+    checkpoints); a completed one that is redone (changed code, or `fresh`) starts from an empty folder,
+    the old one kept aside (returned path) until the new one succeeds."""
     superseded = run.run_dir.parent / f".superseded-{run.run_id}"
-    try:
-        previous = read_marker(run.run_dir) or {}
-        if run.run_dir.exists() and (fresh or previous.get("status") == "ok"):
-            # A finished run is redone (new code, or --force): start from an empty folder (training would
-            # otherwise return its old metrics.json) and keep the old one aside until the new one succeeds.
-            shutil.rmtree(superseded, ignore_errors=True)
-            os.replace(run.run_dir, superseded)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run.run_dir / "run.log", "w", encoding="utf-8") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "fer_lib.workflow.run", "--worker"], stdin=subprocess.PIPE,
-                                    stdout=log, stderr=subprocess.STDOUT, env=worker_env(slot, *budget, gpus),
-                                    cwd=str(REPO_ROOT), text=True)
+    previous = read_marker(run.run_dir) or {}
+    if run.run_dir.exists() and (fresh or previous.get("status") == "ok"):
+        shutil.rmtree(superseded, ignore_errors=True)
+        os.replace(run.run_dir, superseded)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return superseded
+
+
+def run_worker_process(run_dir: str | os.PathLike, spec: Mapping[str, Any], env: Mapping[str, str],
+                       procs: set | None = None) -> int:
+    """Execute one run in a fresh worker process (`python -m fer_lib.workflow.run --worker`, papermill
+    inside, output in run.log); returns its exit code. Local workers and Dask tasks both call this."""
+    with open(Path(run_dir) / "run.log", "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fer_lib.workflow.run", "--worker"], stdin=subprocess.PIPE,
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=str(REPO_ROOT), text=True)
+        if procs is not None:
             procs.add(proc)
-            try:
-                proc.communicate(json.dumps(spec))
-            finally:
+        try:
+            proc.communicate(json.dumps(dict(spec)))
+        finally:
+            if procs is not None:
                 procs.discard(proc)
-        marker = read_marker(run.run_dir) or {}
-        status = marker.get("status") if marker.get("config_hash") == run.config_hash else None
-        if proc.returncode == 0 and status == "ok":
-            shutil.rmtree(superseded, ignore_errors=True)
-            return RunResult(run.stage, run.run_id, "ok", time.perf_counter() - start, "", str(run.run_dir))
-        err = marker.get("error") or {}
-        message = f"{err.get('type', 'WorkerError')}: {err.get('message', '')}".strip() if err else \
-            f"worker exited with code {proc.returncode} (see {run.run_dir / 'run.log'})"
-        if status != "failed":
-            marker.update(status="failed", error={"type": "WorkerError", "message": message})
-            atomic_write_json(run.run_dir / MARKER, marker)
-        short = message.splitlines()[0][:300] if message else ""
-        if superseded.exists():
-            short += f" (the previous results are kept in {superseded})"
-        return RunResult(run.stage, run.run_id, "failed", time.perf_counter() - start, short, str(run.run_dir))
-    finally:
-        slots.put(slot)
+    return proc.returncode
+
+
+def _launch(run: Run, spec: dict[str, Any], execute: Callable[[Run, dict[str, Any]], int],
+            fresh: bool = False) -> RunResult:
+    """Execute one run (`execute` returns the worker's exit code) and turn its marker into a RunResult."""
+    start = time.perf_counter()
+    superseded = _fresh_folder(run, fresh)
+    returncode = execute(run, spec)
+    if returncode == BUSY_RUN_EXIT:  # another process executes this run right now: leave its files alone
+        return RunResult(run.stage, run.run_id, "failed", time.perf_counter() - start,
+                         "RunBusy: the run is executing in another process; not started twice", str(run.run_dir))
+    marker = read_marker(run.run_dir) or {}
+    status = marker.get("status") if marker.get("config_hash") == run.config_hash else None
+    if returncode == 0 and status == "ok":
+        shutil.rmtree(superseded, ignore_errors=True)
+        return RunResult(run.stage, run.run_id, "ok", time.perf_counter() - start, "", str(run.run_dir))
+    err = marker.get("error") or {}
+    message = f"{err.get('type', 'WorkerError')}: {err.get('message', '')}".strip() if err else \
+        f"worker exited with code {returncode} (see {run.run_dir / 'run.log'})"
+    if status != "failed":
+        marker.update(status="failed", error={"type": "WorkerError", "message": message})
+        atomic_write_json(run.run_dir / MARKER, marker)
+    short = message.splitlines()[0][:300] if message else ""
+    if superseded.exists():
+        short += f" (the previous results are kept in {superseded})"
+    return RunResult(run.stage, run.run_id, "failed", time.perf_counter() - start, short, str(run.run_dir))
+
+
+class LocalExecutor:
+    """Runs on this machine: `jobs` worker processes at a time, each with its thread budget and GPU."""
+
+    def __init__(self, jobs: int, threads: int | None, gpus: Sequence[str]):
+        self.jobs, self.threads, self.gpus = jobs, threads, list(gpus)
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(jobs):
+            self.slots.put(slot)
+        self.procs: set = set()
+
+    @property
+    def width(self) -> int:
+        return self.jobs
+
+    def __call__(self, run: Run, spec: dict[str, Any]) -> int:
+        slot = self.slots.get()
+        try:
+            return run_worker_process(run.run_dir, spec, worker_env(slot, self.jobs, self.threads, self.gpus),
+                                      self.procs)
+        finally:
+            self.slots.put(slot)
+
+    def cancel(self) -> None:
+        for proc in list(self.procs):
+            with contextlib.suppress(OSError):
+                proc.terminate()
+
+    def close(self) -> None:
+        pass
+
+
+def _dask_task(run_dir: str, spec: dict[str, Any], overrides: dict[str, str]) -> int:
+    """A Dask task: one run in a worker process on the Dask worker's machine (its environment + overrides)."""
+    return run_worker_process(run_dir, spec, {**os.environ, **overrides})
+
+
+class DaskExecutor:
+    """Runs on a Dask cluster (dask.distributed): every run of a stage is submitted at once as one task with
+    a unique key and no retries; the cluster's workers decide how many run together. The results folder must
+    be on a file system that the workers share (the usual /home or /scratch of a cluster).
+
+    scheduler: a scheduler address (tcp://host:8786), "local" (a LocalCluster of `jobs` single-threaded
+    worker processes here), or a distributed.Client. On SLURM: `dask_jobqueue.SLURMCluster(...)`, then
+    `cluster.scale(jobs=N)` and its `cluster.scheduler_address` (README, "Sweeps")."""
+
+    def __init__(self, scheduler: Any, jobs: int, threads: int | None):
+        from distributed import Client, LocalCluster
+
+        self._own = not isinstance(scheduler, Client)
+        self._cluster = None
+        if scheduler == "local":
+            self._cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None)
+            scheduler = self._cluster
+        self.client = scheduler if not self._own else Client(scheduler)
+        self.overrides = {var: str(threads) for var in THREAD_VARS} if threads else {}
+        self.overrides["PYTHONUNBUFFERED"] = "1"
+        self.futures: set = set()
+
+    @property
+    def width(self) -> int:
+        return 1 << 16  # submit everything; the cluster queues
+
+    def __call__(self, run: Run, spec: dict[str, Any]) -> int:
+        key = f"fer-{spec['experiment']}-{run.stage}-{run.run_id}-{run.config_hash}-{time.time_ns()}"
+        future = self.client.submit(_dask_task, str(run.run_dir), spec, self.overrides, key=key, pure=False,
+                                    retries=0)
+        self.futures.add(future)
+        try:
+            return int(future.result())
+        except Exception as exc:  # noqa: BLE001 - a lost worker or a task error: the run failed, reported
+            atomic_write_json(run.run_dir / "dask_error.json", {"type": type(exc).__name__, "message": str(exc)})
+            return 1
+        finally:
+            self.futures.discard(future)
+
+    def cancel(self) -> None:
+        self.client.cancel(list(self.futures))
+
+    def close(self) -> None:
+        if self._own:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+EXECUTORS = ("local", "dask")
 
 
 @dataclass
@@ -254,6 +369,8 @@ class RunOptions:
     render: bool = True              # HTML renderings and the results index afterwards
     verbose: bool = True
     reuse_stale: bool = False        # skip runs completed with the same parameters even if the code changed
+    executor: str = "local"          # local worker processes, or "dask" (a dask.distributed cluster)
+    scheduler: Any = None            # for dask: an address, "local" (a LocalCluster here) or a Client
 
 
 def run_experiment(experiment: Experiment, options: RunOptions | None = None, **overrides: Any) -> list[RunResult]:
@@ -275,13 +392,21 @@ def run_experiment(experiment: Experiment, options: RunOptions | None = None, **
     plan = plan_experiment(experiment, opts.results_root)
     results_root = Path(opts.results_root).resolve()
     exp_dir = results_root / experiment.name
+    check_choice("executor", opts.executor, EXECUTORS)
+    if opts.executor == "dask" and opts.scheduler is None:
+        raise ConfigError("--executor dask needs --scheduler ADDRESS (tcp://host:8786) or --scheduler local")
     session = _Session(experiment, plan, exp_dir, opts, jobs)
     with experiment_lock(exp_dir):
         _write_experiment_info(experiment, exp_dir, plan)
         started = time.perf_counter()
-        for stage in experiment.stages:
-            if stage.name in selected:
-                session.run_stage(stage)
+        executor = DaskExecutor(opts.scheduler, jobs, opts.threads) if opts.executor == "dask" else \
+            LocalExecutor(jobs, opts.threads, session.gpus)
+        try:
+            for stage in experiment.stages:
+                if stage.name in selected:
+                    session.run_stage(stage, executor)
+        finally:
+            executor.close()
         write_summary(exp_dir, session.results, time.perf_counter() - started)
     if opts.render:
         render_notebooks(exp_dir, verbose=opts.verbose)
@@ -332,27 +457,22 @@ class _Session:
                 "code_fingerprint": fingerprint, "git_revision": self.revision,
                 "timeout_s": run.timeout_s, "require_metrics": run.require_metrics}
 
-    def run_stage(self, stage: Stage) -> None:
-        """Run a stage's pending runs in parallel workers (warm_up: the first alone, before the others)."""
+    def run_stage(self, stage: Stage, executor: "LocalExecutor | DaskExecutor") -> None:
+        """Run a stage's pending runs in parallel (warm_up: the first alone, before the others)."""
         fingerprint = code_fingerprint(stage.notebook)
         todo = self.triage(stage, None if self.opts.reuse_stale else fingerprint)
         if not todo:
             return
-        jobs = self.jobs
-        self.log(f"[{stage.name}] running {len(todo)} of {len(self.plan[stage.name])} run(s) with "
-                 f"{min(jobs, len(todo))} worker(s)")
-        slots: queue.Queue[int] = queue.Queue()
-        for slot in range(jobs):
-            slots.put(slot)
-        procs: set = set()
+        width = min(executor.width, len(todo))
+        where = f"{width} worker(s)" if isinstance(executor, LocalExecutor) else "the Dask cluster"
+        self.log(f"[{stage.name}] running {len(todo)} of {len(self.plan[stage.name])} run(s) with {where}")
         bar = tqdm(total=len(todo), desc=stage.name, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
-        pool = ThreadPoolExecutor(max_workers=jobs)
+        pool = ThreadPoolExecutor(max_workers=width)
         # warm_up: the first run alone builds the shared caches (data, landmarks) before the others start
-        batches = [todo[:1], todo[1:]] if stage.warm_up and jobs > 1 and len(todo) > 1 else [todo]
+        batches = [todo[:1], todo[1:]] if stage.warm_up and width > 1 and len(todo) > 1 else [todo]
         try:
             for batch in batches:
-                futures = [pool.submit(_launch, r, self.spec(r, fingerprint), slots, (jobs, self.opts.threads),
-                                       self.gpus, procs, self.opts.force) for r in batch]
+                futures = [pool.submit(_launch, r, self.spec(r, fingerprint), executor, self.opts.force) for r in batch]
                 for future in futures:
                     result = future.result()
                     self.record(result)
@@ -360,9 +480,7 @@ class _Session:
                     self.log(f"[{stage.name}] {result.status:8s} {result.run_id} ({result.duration_s:.0f} s) "
                              f"{result.error}")
         except KeyboardInterrupt:
-            for proc in list(procs):
-                with contextlib.suppress(OSError):
-                    proc.terminate()
+            executor.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
@@ -436,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="print the planned runs and their status, run nothing")
     parser.add_argument("--list-experiments", action="store_true", help="list the experiments of experiments/")
     parser.add_argument("--no-render", action="store_true", help="skip the HTML rendering and index")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="where runs execute: local worker processes (default) or a Dask cluster")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="with --executor dask: the scheduler (tcp://host:8786), or 'local' for a LocalCluster here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -490,7 +612,7 @@ def _main(args: argparse.Namespace) -> int:
         wall = time.perf_counter()
         results = run_experiment(experiment, results_root=args.results, jobs=args.jobs, only=only,
                                  force=args.force, threads=args.threads, render=not args.no_render,
-                                 reuse_stale=args.reuse_stale)
+                                 reuse_stale=args.reuse_stale, executor=args.executor, scheduler=args.scheduler)
     except PipelineBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BUSY_EXIT
