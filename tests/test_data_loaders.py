@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fer_lib.faces.au import EXPRESSIONS, combine_aus
@@ -381,3 +382,18 @@ def test_reference_style_au_maps_follow_the_face_under_augmentation(tmp_path):
     ours = gaussian.sample(i, augment=False)[2]
     cos = float((ours * plain).sum() / np.linalg.norm(ours) / np.linalg.norm(plain))
     assert 0.2 < cos < 0.99  # the same AU regions, drawn as ellipses instead of Gaussian blobs
+
+
+def test_layer_size_maps_and_preloaded_images_are_dataset_options():
+    from fer_lib.data import build_datasets
+
+    common = dict(image_size=64, seed=0, landmarks="ground_truth", n_per_class=2, progress=False, augment=False)
+    plain = build_datasets("synthetic", None, **common)["train"]
+    fast = build_datasets("synthetic", None, au_map_size=[4, 4], preload_images=True, **common)["train"]
+    assert fast.au_map_size == (4, 4) and all(r.image is not None for r in fast.records)
+    assert all(r.image is None for r in plain.records)
+    for i in range(len(plain)):
+        assert torch.equal(plain[i][0], fast[i][0])  # the same pixels from memory
+        assert fast[i][2].shape == (1, 4, 4)
+    with pytest.raises(ConfigError, match=r"au_map_size must be a positive integer or \[h, w\]"):
+        build_datasets("synthetic", None, au_map_size=[4], **common)
