@@ -496,3 +496,21 @@ def test_a_run_is_never_executed_twice_at_once(tmp_path: Path) -> None:
         marker = run_mod.execute_run({"run_dir": str(run_dir)})
     assert marker["status"] == "busy" and "the first executor" in marker["error"]["message"]
     assert not (run_dir / "run.json").exists()  # the running execution's files are left alone
+
+
+@pytest.mark.slow
+def test_stages_that_need_nothing_run_side_by_side_and_dependents_wait(tmp_path: Path, square_nb: Path) -> None:
+    slow = make_notebook(tmp_path / "slow.ipynb", "x = 1\nseed = 0\noutput_dir = '.'\nupstream = ''\n",
+                         WRITE_METRICS.replace("t_start = time.time()\n", "t_start = time.time()\ntime.sleep(3)\n"))
+    stages = [{"name": "other", "notebook": str(slow), "parameters": {"x": 7}},
+              {"name": "uses_sq", "notebook": str(square_nb), "parameters": {"x": 4, "upstream": "{run:sq}"}}]
+    exp = pipeline.experiment_from_dict({"experiment": {"name": "graph", "seed": 5, "jobs": 2}, "stage": [
+        {"name": "sq", "notebook": str(slow), "parameters": {"x": 3}}] + stages})
+    plan_ = plan.plan_experiment(exp, tmp_path / "res")
+    assert [[s.name for s in wave] for wave in pipeline.stage_waves(exp, plan_, ["sq", "other", "uses_sq"])] == [
+        ["sq", "other"], ["uses_sq"]]
+    results = pipeline.run_experiment(exp, results_root=tmp_path / "res", verbose=False, render=False)
+    assert [(r.stage, r.status) for r in results] == [("sq", "ok"), ("other", "ok"), ("uses_sq", "ok")]
+    t = {r.stage: json.loads((Path(r.run_dir) / "metrics.json").read_text()) for r in results}
+    assert t["other"]["t_start"] < t["sq"]["t_end"] and t["sq"]["t_start"] < t["other"]["t_end"]  # side by side
+    assert t["uses_sq"]["t_start"] >= t["sq"]["t_end"]  # a dependent waits for what it uses

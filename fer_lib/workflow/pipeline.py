@@ -71,9 +71,10 @@ or interrupted run restarts in its folder (training resumes from its checkpoints
 run that is redone starts from an empty folder. A failing notebook is kept, executed up to its
 traceback, and the other runs go on; runs that need a failed run's folder are "blocked".
 Each run executes in its own worker process with a thread budget of max(1, cores // jobs)
-(OMP/MKL/OpenBLAS threads; GPUs round-robin through CUDA_VISIBLE_DEVICES). Stages run in
-order, the runs of a stage in parallel. One pipeline per experiment folder at a time (a file
-lock; a second one exits with status 3 and says who holds it). At the end: summary.csv/json
+(OMP/MKL/OpenBLAS threads; GPUs round-robin through CUDA_VISIBLE_DEVICES). Stages form a graph:
+a stage starts once the stages whose runs it uses ({run:...}, {stage:...}) have run, and stages that
+are ready run side by side in one pool of workers (`run.stage_waves`). One pipeline per
+experiment folder at a time (a file lock; a second one exits with status 3 and says who holds it). At the end: summary.csv/json
 per experiment, an HTML rendering beside every executed notebook, results/index.html and
 results/README.md; exit status 0 if nothing failed, 1 if a run failed or was blocked, 2 for
 an invalid experiment or option.
@@ -91,7 +92,7 @@ from fer_lib.workflow.report import (ablation_summary, collect_training_runs, co
     experiment_headline, format_headline, format_summary, headline_split, headline_table, markdown_table,
     render_notebooks, training_headline_row, write_index, write_summary)
 from fer_lib.workflow.run import (BUSY_EXIT, FAILED, LOCK_NAME, THREAD_VARS, PipelineBusy, RunOptions, RunResult,
-    build_parser, cpu_count, execute_run, experiment_lock, gpu_ids, main, run_experiment, worker_env)
+    build_parser, cpu_count, execute_run, experiment_lock, gpu_ids, main, run_experiment, stage_waves, worker_env)
 
 __all__ = [
     "BUSY_EXIT", "CAM_PREFERENCE", "CODE_DIRS", "DEFAULT_RESULTS", "EXPERIMENTS_DIR", "FAILED", "HEADLINE_PATHS",
@@ -101,7 +102,7 @@ __all__ = [
     "experiment_from_dict", "experiment_headline", "experiment_lock", "format_headline", "format_summary",
     "gpu_ids", "headline_split", "headline_table", "is_complete", "load_experiment", "main", "markdown_table",
     "notebook_parameters", "parse_assignments", "parse_value", "plan_experiment", "read_marker",
-    "render_notebooks", "resolve_experiment_path", "run_experiment", "training_headline_row", "worker_env",
+    "render_notebooks", "resolve_experiment_path", "run_experiment", "stage_waves", "training_headline_row", "worker_env",
     "write_index", "write_metrics", "write_summary",
 ]
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -374,7 +374,8 @@ class RunOptions:
 
 
 def run_experiment(experiment: Experiment, options: RunOptions | None = None, **overrides: Any) -> list[RunResult]:
-    """Run the experiment's stages in order (runs of a stage in parallel) and write the summaries.
+    """Run the experiment's stages as a graph: a stage starts once every stage whose runs it uses has run
+    (`stage_waves`), stages that are ready run side by side in one pool of workers; then write the summaries.
 
     `overrides` are RunOptions fields (results_root, jobs, only, force, threads, render, verbose,
     reuse_stale): `force` reruns completed runs; `reuse_stale` skips runs completed with the same
@@ -402,9 +403,8 @@ def run_experiment(experiment: Experiment, options: RunOptions | None = None, **
         executor = DaskExecutor(opts.scheduler, jobs, opts.threads) if opts.executor == "dask" else \
             LocalExecutor(jobs, opts.threads, session.gpus)
         try:
-            for stage in experiment.stages:
-                if stage.name in selected:
-                    session.run_stage(stage, executor)
+            for wave in stage_waves(experiment, plan, selected):
+                session.run_wave(wave, executor)
         finally:
             executor.close()
         write_summary(exp_dir, session.results, time.perf_counter() - started)
@@ -457,28 +457,42 @@ class _Session:
                 "code_fingerprint": fingerprint, "git_revision": self.revision,
                 "timeout_s": run.timeout_s, "require_metrics": run.require_metrics}
 
-    def run_stage(self, stage: Stage, executor: "LocalExecutor | DaskExecutor") -> None:
-        """Run a stage's pending runs in parallel (warm_up: the first alone, before the others)."""
-        fingerprint = code_fingerprint(stage.notebook)
-        todo = self.triage(stage, None if self.opts.reuse_stale else fingerprint)
-        if not todo:
+    def run_wave(self, stages: Sequence[Stage], executor: "LocalExecutor | DaskExecutor") -> None:
+        """Run the pending runs of `stages` side by side; a warm_up stage's first run goes alone before the
+        stage's other runs (it builds the shared caches), while other stages' runs go on."""
+        fingerprints = {st.name: code_fingerprint(st.notebook) for st in stages}
+        first: list[tuple[Stage, Run]] = []
+        after_warm_up: dict[str, list[Run]] = {}
+        for st in stages:
+            todo = self.triage(st, None if self.opts.reuse_stale else fingerprints[st.name])
+            if not todo:
+                continue
+            width = min(executor.width, len(todo))
+            where = f"{width} worker(s)" if isinstance(executor, LocalExecutor) else "the Dask cluster"
+            self.log(f"[{st.name}] running {len(todo)} of {len(self.plan[st.name])} run(s) with {where}")
+            split = st.warm_up and executor.width > 1 and len(todo) > 1
+            first += [(st, r) for r in (todo[:1] if split else todo)]
+            after_warm_up[st.name] = todo[1:] if split else []
+        if not first:
             return
-        width = min(executor.width, len(todo))
-        where = f"{width} worker(s)" if isinstance(executor, LocalExecutor) else "the Dask cluster"
-        self.log(f"[{stage.name}] running {len(todo)} of {len(self.plan[stage.name])} run(s) with {where}")
-        bar = tqdm(total=len(todo), desc=stage.name, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
-        pool = ThreadPoolExecutor(max_workers=width)
-        # warm_up: the first run alone builds the shared caches (data, landmarks) before the others start
-        batches = [todo[:1], todo[1:]] if stage.warm_up and width > 1 and len(todo) > 1 else [todo]
+        total = len(first) + sum(map(len, after_warm_up.values()))
+        bar = tqdm(total=total, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
+        pool = ThreadPoolExecutor(max_workers=min(executor.width, total))
+        submit = lambda st, r: pool.submit(_launch, r, self.spec(r, fingerprints[st.name]), executor,  # noqa: E731
+                                           self.opts.force)
+        running = {submit(st, r): st for st, r in first}
+        done: list[RunResult] = []
         try:
-            for batch in batches:
-                futures = [pool.submit(_launch, r, self.spec(r, fingerprint), executor, self.opts.force) for r in batch]
-                for future in futures:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    st = running.pop(future)
                     result = future.result()
-                    self.record(result)
+                    done.append(result)
                     bar.update(1)
-                    self.log(f"[{stage.name}] {result.status:8s} {result.run_id} ({result.duration_s:.0f} s) "
-                             f"{result.error}")
+                    self.log(f"[{st.name}] {result.status:8s} {result.run_id} ({result.duration_s:.0f} s) {result.error}")
+                    for r in after_warm_up.pop(st.name, []):
+                        running[submit(st, r)] = st
         except KeyboardInterrupt:
             executor.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -486,6 +500,26 @@ class _Session:
         finally:
             pool.shutdown(wait=True)
             bar.close()
+        order = {(st.name, r.run_id): (k, i) for k, st in enumerate(stages) for i, r in enumerate(self.plan[st.name])}
+        for result in sorted(done, key=lambda res: order[(res.stage, res.run_id)]):
+            self.record(result)
+
+
+def stage_waves(experiment: Experiment, plan: dict[str, list[Run]], selected: Sequence[str]) -> list[list[Stage]]:
+    """The selected stages in waves: a stage joins the first wave after every stage its runs need
+    ({run:STAGE/...}, {stage:STAGE}) has run; stages not selected count as done (used as they are)."""
+    needs = {st.name: {name for r in plan[st.name] for name, _ in r.needs_runs} | {name for r in plan[st.name]
+                                                                                    for name in r.needs_stages}
+             for st in experiment.stages}
+    done = {st.name for st in experiment.stages if st.name not in selected}
+    todo = [st for st in experiment.stages if st.name in selected]
+    waves: list[list[Stage]] = []
+    while todo:
+        wave = [st for st in todo if needs[st.name] <= done] or todo[:1]
+        waves.append(wave)
+        done |= {st.name for st in wave}
+        todo = [st for st in todo if st not in wave]
+    return waves
 
 
 def _blocker(run: Run, plan: dict[str, list[Run]], status_of: dict[tuple[str, str], str], *, fingerprint_of,
