@@ -241,6 +241,18 @@ def _stages(name: str) -> tuple[str, ...]:
     return tuple(f"trunk.{s}" for s in timm_backbones.feature_table(_check(name)[1])[0])
 
 
+def _plain_trunk(spec: ModelSpec, trunk_name: str) -> TappedModel:
+    """The trunk as the timm family builds it for this spec (pretrained weights included), taps without
+    the "trunk." prefix; the method's net then holds `.net` as its `trunk`."""
+    return timm_backbones.build(ModelSpec(**{**vars(spec), "backbone": trunk_name, "options": {},
+                                             "tap_names": [n[len("trunk."):] for n in spec.tap_names]}))
+
+
+def _tapped(net: nn.Module, plain: TappedModel, spec: ModelSpec) -> TappedModel:
+    """The method's net with hooks on the spec's taps; its config is the trunk's under the method's name."""
+    return TappedModel(net, spec.tap_names, {**plain.config, "backbone": spec.backbone, "tap_names": list(spec.tap_names)})
+
+
 def build(spec: ModelSpec) -> TappedModel:
     """Build `method[:trunk]`: the trunk as the timm family builds it (pretrained weights included),
     its classifier replaced by the method's head."""
@@ -248,9 +260,7 @@ def build(spec: ModelSpec) -> TappedModel:
     unknown = sorted(set(spec.options) - {"adl_stages"})
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {method}; valid: adl_stages (adl only)")
-    trunk_spec = ModelSpec(**{**vars(spec), "backbone": trunk_name, "options": {},
-                              "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
-    plain = timm_backbones.build(trunk_spec)
+    plain = _plain_trunk(spec, trunk_name)
     trunk = plain.net
     trunk.reset_classifier(0)
     in_channels = trunk.num_features
@@ -258,8 +268,7 @@ def build(spec: ModelSpec) -> TappedModel:
     net = WSOLNet(trunk, HEADS[method](in_channels, spec.num_classes),
                   adl_stages=[s[len("trunk."):] if s.startswith("trunk.") else s for s in adl_stages])
     net.mixing = MIXING.get(method)
-    config = {**plain.config, "backbone": spec.backbone, "tap_names": list(spec.tap_names)}
-    return TappedModel(net, spec.tap_names, config)
+    return _tapped(net, plain, spec)
 
 
 register_family(ModelFamily(
@@ -336,12 +345,8 @@ def build_tscam(spec: ModelSpec) -> TappedModel:
     vit = _check_vit(spec.backbone)
     if spec.options:
         raise ConfigError(f"unknown option(s) {sorted(spec.options)} for tscam; it takes none")
-    vit_spec = ModelSpec(**{**vars(spec), "backbone": vit, "options": {},
-                            "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
-    plain = timm_backbones.build(vit_spec)
-    net = TSCAMNet(plain.net, spec.num_classes)
-    return TappedModel(net, spec.tap_names, {**plain.config, "backbone": spec.backbone,
-                                             "tap_names": list(spec.tap_names)})
+    plain = _plain_trunk(spec, vit)
+    return _tapped(TSCAMNet(plain.net, spec.num_classes), plain, spec)
 
 
 register_family(ModelFamily(
@@ -429,12 +434,8 @@ def build_apvit(spec: ModelSpec) -> TappedModel:
     allowed = {"dim", "depth", "heads", "keep", "token_keep"}
     if set(spec.options) - allowed:
         raise ConfigError(f"unknown option(s) {sorted(set(spec.options) - allowed)} for apvit; valid: {sorted(allowed)}")
-    trunk_spec = ModelSpec(**{**vars(spec), "backbone": trunk_name, "options": {},
-                              "tap_names": [n[len("trunk."):] for n in spec.tap_names]})
-    plain = timm_backbones.build(trunk_spec)
-    net = APViTNet(plain.net, spec.num_classes, **spec.options)
-    return TappedModel(net, spec.tap_names, {**plain.config, "backbone": spec.backbone,
-                                             "tap_names": list(spec.tap_names)})
+    plain = _plain_trunk(spec, trunk_name)
+    return _tapped(APViTNet(plain.net, spec.num_classes, **spec.options), plain, spec)
 
 
 register_family(ModelFamily(
