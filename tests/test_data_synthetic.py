@@ -174,3 +174,27 @@ def test_cue_energy_is_the_share_of_a_map_on_the_cue_square():
     assert np.isclose(energy[0], (small ** 2).sum() / small.sum())
     assert np.isclose(energy[1], small.sum() / 36) and np.isnan(energy[2])
     assert cue_energy(on_cue[None], [0], 96)[0] < energy[0]  # another class's square is elsewhere
+
+
+def test_cue_coverage_of_uneven_cells_is_each_cells_painted_share():
+    from fer_lib.data.synthetic import cue_coverage, draw_spurious
+
+    painted = (draw_spurious(np.zeros((112, 112, 3), np.float32), 5).sum(axis=2) > 0).astype(np.float64)
+    rows, cols = np.array_split(np.arange(112), 15), np.array_split(np.arange(112), 9)  # 112 = 15 * 7 + 7: uneven
+    expected = np.array([[painted[np.ix_(r, c)].mean() for c in cols] for r in rows])
+    got = cue_coverage(5, (15, 9), 112)
+    assert got.shape == (15, 9) and np.allclose(got, expected, atol=1e-6) and got.max() > 0
+    got[:] = -1  # a copy: the cached coverage is not changed by its caller
+    assert cue_coverage(5, (15, 9), 112).min() >= 0
+
+
+def test_dataset_ceiling_is_the_oracle_of_the_built_synthetic_set_and_none_for_real_data():
+    from fer_lib.data import build_datasets, dataset_ceiling
+    from fer_lib.data.synthetic import SyntheticConfig, oracle_accuracy
+
+    n = {"train": 12, "val": 2, "test": 6}
+    sets = build_datasets("synthetic", image_size=48, seed=3, landmarks="ground_truth", n_per_class=n,
+                          splits=["train"], progress=False)
+    ceiling = dataset_ceiling(sets["train"])
+    assert ceiling["oracle_accuracy"] == oracle_accuracy(SyntheticConfig(n_per_class=n, image_size=48, seed=3))
+    assert dataset_ceiling(object()) is None

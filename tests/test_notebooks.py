@@ -135,3 +135,12 @@ def test_train_config_from_params_refuses_unknown_names():
     with pytest.raises(ConfigError, match="unknown parameter.*epochz"):
         TrainConfig.from_params({**NB02, "epochz": 3})
     assert TrainConfig.from_params({"epochs": 2.0, "au_weight": 1, "output_dir": "x"}).epochs == 2
+
+
+def test_train_config_from_params_takes_the_main_jobs_pretrained_recipe():
+    params = {**NB02, "backbone": "tf_efficientnet_lite0", "pretrained": "imagenet", "layers": "4",
+              "n_per_class": {"train": 100, "val": 30, "test": 60}}
+    config = TrainConfig.from_params(params)
+    assert config.pretrained == "imagenet" and config.layers == ("4",)
+    assert config.dataset_kwargs["n_per_class"] == {"train": 100, "val": 30, "test": 60}
+    assert TrainConfig.from_params({**NB02, "pretrained": ""}).pretrained is False  # "" = no ImageNet weights

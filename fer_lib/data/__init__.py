@@ -6,7 +6,7 @@ Entry point: `build_datasets(name, root, image_size, seed, landmarks, cache_dir,
 All labels use the project's order `fer_lib.faces.au.EXPRESSIONS` (tables in `loaders`).
 """
 from fer_lib.data.dataset import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, LANDMARK_MODES, AugmentConfig, DatasetSource,
-                      FERDataset, dataset_source, list_datasets, register_dataset,
+                      FERDataset, dataset_ceiling, dataset_source, list_datasets, register_dataset,
                       attach_detected_landmarks, build_datasets, geometric_transform, landmark_error_report,
                       landmark_nme, load_index, validate_records)
 from fer_lib.data.loaders import (AFFECTNET_LABELS, COMPOUND_EXPRESSIONS, EXPRESSIONS_8, FER2013_LABELS, RAFDB_BASIC_LABELS,
@@ -18,7 +18,7 @@ from fer_lib.data.synthetic import (SPURIOUS_CUES, SyntheticConfig, build_synthe
 
 __all__ = [
     "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "LANDMARK_MODES", "AugmentConfig", "DatasetSource", "FERDataset",
-    "dataset_source", "list_datasets", "register_dataset",
+    "dataset_ceiling", "dataset_source", "list_datasets", "register_dataset",
     "attach_detected_landmarks", "build_datasets", "geometric_transform", "landmark_error_report", "landmark_nme",
     "load_index", "validate_records", "AFFECTNET_LABELS", "COMPOUND_EXPRESSIONS", "EXPRESSIONS_8", "FER2013_LABELS",
     "RAFDB_BASIC_LABELS", "RAFDB_COMPOUND_LABELS", "SYNONYMS", "DatasetIndex", "DatasetLayoutError", "LabelError",

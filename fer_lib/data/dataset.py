@@ -27,7 +27,7 @@ from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, Landmark
 from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
 from fer_lib.data import loaders
 from fer_lib.data.loaders import DatasetIndex, Record
-from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, load_truth
+from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, load_truth, oracle_accuracy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -373,6 +373,19 @@ def load_index(name: str, root: str | os.PathLike | None = None, seed: int = 0, 
                        **kwargs)
 
 
+def dataset_ceiling(dataset: Any) -> dict[str, Any] | None:
+    """What is learnable from a dataset built by `build_datasets`, where the dataset knows it: for the synthetic
+    set, the test accuracy of an oracle on the true AU intensities the generator drew
+    (`fer_lib.data.synthetic.oracle_accuracy`); None for real datasets."""
+    config = (getattr(dataset, "index_stats", None) or {}).get("config")
+    if not config:
+        return None
+    cfg = SyntheticConfig(**{**config, "expressions": tuple(config["expressions"]),
+                             "intensity_range": tuple(config["intensity_range"])})
+    return {"oracle_accuracy": oracle_accuracy(cfg), "split": "test",
+            "oracle": "logistic regression on the true AU intensities (train split)"}
+
+
 def _load_synthetic(root: Path | None, seed: int, image_size: int, progress: bool, **kwargs: Any) -> DatasetIndex:
     cfg = SyntheticConfig(image_size=image_size, seed=seed, **kwargs)
     built = build_synthetic(cfg, root=None if root is None else root / f"synthetic-{cfg.key()}", progress=progress)
@@ -517,6 +530,7 @@ def build_datasets(name: str, root: str | os.PathLike | None = None, image_size:
                         augment_config=common.get("augment_config"), skipped=skipped, name=name, split=split)
         ds.landmark_stats = landmark_stats
         ds.landmark_report = report
+        ds.index_stats = index.stats
         ds.au_style = au_style
         if common.get("au_map_size") is not None:
             ds.au_map_size = _map_size(common["au_map_size"])

@@ -575,14 +575,21 @@ def draw_spurious(arr: np.ndarray, class_id: int) -> np.ndarray:
 
 def cue_coverage(class_id: int, size: int | Sequence[int], image_size: int) -> np.ndarray:
     """The share of each cell of an (h, w) map (a layer's attention, a CAM) that class `class_id`'s cue
-    square covers in an image of `image_size` px: float32 (h, w) in [0, 1]."""
+    square covers in an image of `image_size` px: float32 (h, w) in [0, 1]. Cells split the image's pixels as
+    `np.array_split` does (equal cells when h divides the size)."""
     h, w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    return _cue_coverage(int(class_id), h, w, int(image_size)).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _cue_coverage(class_id: int, h: int, w: int, image_size: int) -> np.ndarray:
     y0, y1, x0, x1 = _cue_pixels(class_id, image_size, image_size)
-    mask = np.zeros((image_size, image_size), np.float32)
+    mask = np.zeros((image_size, image_size), np.float64)
     mask[y0:y1, x0:x1] = 1.0
-    rows = np.array_split(np.arange(image_size), h) if image_size % h else np.split(np.arange(image_size), h)
-    cols = np.array_split(np.arange(image_size), w) if image_size % w else np.split(np.arange(image_size), w)
-    return np.array([[mask[np.ix_(r, c)].mean() for c in cols] for r in rows], np.float32)
+    rows = np.cumsum([0] + [len(r) for r in np.array_split(np.arange(image_size), h)])
+    cols = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(image_size), w)])
+    sums = np.add.reduceat(np.add.reduceat(mask, rows[:-1], axis=0), cols[:-1], axis=1)
+    return (sums / np.outer(np.diff(rows), np.diff(cols))).astype(np.float32)
 
 
 def cue_energy(maps: np.ndarray, class_ids: Sequence[int], image_size: int) -> np.ndarray:

@@ -169,7 +169,7 @@ class TrainConfig:
         """A TrainConfig from a notebook's parameters (papermill), in one call.
 
         Fields are taken by name, as notebooks spell them: numbers converted to the field's type,
-        `layers="a,b"` split into a tuple, `weights=""` meaning none (and `pretrained` = bool(weights)
+        `layers="a,b"` split into a tuple, `weights=""` and `pretrained=""` meaning none (and `pretrained` = bool(weights)
         unless given); `n_per_class` and `spurious_p` become the synthetic set's dataset_kwargs (unless
         dataset_kwargs is given). The known notebook-only parameters `output_dir`, `preset` and
         `num_examples` are ignored; any other name that is not a field is an error (a typo).
@@ -189,6 +189,8 @@ class TrainConfig:
             elif kind == "int" and numeric and float(value) == int(float(value)):
                 value = int(float(value))
             kwargs[name] = value
+        if kwargs.get("pretrained") == "":
+            del kwargs["pretrained"]  # the notebooks' "no ImageNet weights"
         if isinstance(kwargs.get("layers"), str):
             kwargs["layers"] = tuple(s.strip() for s in kwargs["layers"].split(","))
         if "weights" in kwargs:
@@ -340,6 +342,9 @@ def _data_summary(datasets: dict[str, Dataset], out_dir: Path, write: bool) -> d
     stats = getattr(datasets.get("train"), "landmark_stats", None)
     if stats:
         summary["landmark_stats"] = dict(stats)
+    ceiling = data_mod.dataset_ceiling(datasets.get("train"))
+    if ceiling:
+        summary["ceiling"] = ceiling
     return summary
 
 
