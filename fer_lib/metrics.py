@@ -21,6 +21,8 @@ Each headline number has ONE key path (`HEADLINE_PATHS`), read with `metric_at` 
               <role>.att_cos_mean
     comparison (kind "comparison": notebook 08)  comparison = [ComparisonRow, ...], each with model,
               backbone, au_weight, accuracy, macro_f1, att_cos, cam_cos, train_time_s
+    shortcut  (kind "shortcut": notebook 10)  per role: headline.<role>.shortcut_accuracy (clean test
+              accuracy of the model trained with the spurious cue), headline.<role>.cue_energy
 
 A CAM-COS value is a number, or {method: number} where the headline picks the model's own CAM
 ("cam"), else Grad-CAM, else the mean over methods (`CAM_PREFERENCE`).
@@ -123,6 +125,7 @@ KINDS: dict[str, str] = {
     "contrawarping": "notebook 07: config, eval_split, pretraining, evaluation, table, supervised, finetune, figures",
     "comparison": "ComparisonMetrics (notebook 08): dataset, split, split_label, comparison, deltas, per_model",
     "explanations": "notebook 09: checkpoints, threshold, spearman, deletion_drops, synthetic, real_face, fer2013",
+    "shortcut": "notebook 10: checkpoints, settings, report {model: {test set: cue report}}, headline {role: ...}",
 }
 
 
@@ -213,10 +216,18 @@ class ComparisonMetrics(TypedDict, total=False):
 #: the ONE key path of each headline number ("{role}": baseline | guided)
 HEADLINE_PATHS: dict[str, dict[str, str]] = {
     "training": {"accuracy": "test.accuracy", "macro_f1": "test.macro_f1", "att_cos": "test.att_cos_mean",
-                 "cam_cos": "test.cam_cos", "train_time_s": "train_time_s", "n_test": "test.n"},
+                 "cam_cos": "test.cam_cos", "train_time_s": "train_time_s", "n_test": "test.n",
+                 "oracle_accuracy": "data.ceiling.oracle_accuracy"},
     "interpret": {"att_cos": "{role}.att_cos_mean", "cam_cos": "{role}.cam_cos"},
     "comparison": {"rows": "comparison", "accuracy": "accuracy", "macro_f1": "macro_f1", "att_cos": "att_cos",
                    "cam_cos": "cam_cos", "train_time_s": "train_time_s"},
+    "shortcut": {"shortcut_accuracy": "headline.{role}.shortcut_accuracy", "cue_energy": "headline.{role}.cue_energy"},
+}
+#: the 95% interval ([low, high]) of a headline number, where the step that wrote it measured one
+INTERVAL_PATHS: dict[str, dict[str, str]] = {
+    "training": {"accuracy": "test.accuracy_ci", "macro_f1": "test.macro_f1_ci", "att_cos": "test.att_cos_ci"},
+    "interpret": {"cam_cos": "{role}.cam_cos_ci"},
+    "shortcut": {"shortcut_accuracy": "headline.{role}.shortcut_accuracy_ci", "cue_energy": "headline.{role}.cue_energy_ci"},
 }
 CAM_PREFERENCE = ("cam", "gradcam")   # the paper reports the model's own CAM; else Grad-CAM; else the mean
 
@@ -255,7 +266,8 @@ def check_metrics(record: Mapping[str, Any], kind: str) -> None:
             raise ValueError(f"metrics.json of kind 'comparison' needs a list at {paths['rows']!r}")
         located = [(f"comparison[{i}].{k}", row.get(k)) for i, row in enumerate(rows) for k in paths if k != "rows"]
     else:
-        roles = [r for r in ("baseline", "guided") if r in record] if kind == "interpret" else [""]
+        where = {"interpret": record, "shortcut": record.get("headline") or {}}.get(kind)
+        roles = [r for r in ("baseline", "guided") if r in where] if where is not None else [""]
         located = [(p.format(role=r), metric_at(record, p.format(role=r))) for r in roles for p in paths.values()]
     for path, value in located:
         if value is not None and headline_number(value) is None and not _all_none(value):

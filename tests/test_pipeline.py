@@ -12,7 +12,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fer_lib.workflow import pipeline, plan
+from fer_lib.workflow import pipeline, plan, report
 from fer_lib.metrics import METRICS_SCHEMA, check_metrics, write_metrics
 from fer_lib.training import presets
 from fer_lib.utils import REPO_ROOT, ConfigError
@@ -321,6 +321,37 @@ def test_headline_table_from_fake_metrics() -> None:
     assert pipeline.headline_table(None, guided)["model"].tolist() == ["AU-guided"]
     md = pipeline.markdown_table(table)
     assert md.splitlines()[0].startswith("| model |") and "0.850" in md
+
+
+def test_headline_shows_intervals_shortcut_and_writes_headline_json(tmp_path: Path) -> None:
+    import json
+
+    base, guided = fake_training_metrics(0, 0.80, 0.30), fake_training_metrics(9, 0.82, 0.85)
+    base["test"]["accuracy_ci"] = [0.75, 0.84]
+    base["data"] = {"ceiling": {"oracle_accuracy": 0.99}}
+    shortcut = {"headline": {"baseline": {"shortcut_accuracy": 0.40, "shortcut_accuracy_ci": [0.35, 0.45],
+                                          "cue_energy": 0.30},
+                             "guided": {"shortcut_accuracy": 0.70, "cue_energy": 0.05, "cue_energy_ci": [0.04, 0.06]}}}
+    table = pipeline.headline_table(base, guided, None, shortcut)
+    assert table["shortcut_acc"].tolist() == [0.40, 0.70] and table["cue_energy"].tolist() == [0.30, 0.05]
+    assert table["accuracy_ci"][0] == [0.75, 0.84] and table["accuracy_ci"][1] is None
+    text = pipeline.format_headline(table)
+    assert "0.800 [0.750, 0.840]" in text and "0.050 [0.040, 0.060]" in text and "CAM-COS" not in text  # none measured
+    exp = tmp_path / "main"
+    for name, record in (("train/b", base), ("train/g", guided), ("cut", shortcut)):
+        (exp / name).mkdir(parents=True)
+        (exp / name / "metrics.json").write_text(json.dumps(record))
+    (exp / "experiment.json").write_text(json.dumps({"headline": {"baseline": "train/b", "guided": "train/g",
+                                                                  "shortcut": "cut", "figures": ["cut/x.png"]}}))
+    (exp / "summary.json").write_text(json.dumps({"wall_time_s": 1000.0, "git_revision": "abc1234",
+                                                  "counts": {"skipped": 0}}))
+    record = json.loads(report.write_headline(exp).read_text())
+    assert set(record["baseline"]) >= {"accuracy", "macro_f1", "att_cos", "cam_cos", "shortcut_accuracy", "cue_energy"}
+    assert record["baseline"]["accuracy_ci"] == [0.75, 0.84] and record["guided"]["cue_energy"] == 0.05
+    assert record["oracle_accuracy"] == 0.99 and record["wall_time_s"] == 1000.0 and record["git_revision"] == "abc1234"
+    (exp / "cut" / "x.png").write_bytes(b"png")
+    index, _ = report.write_index(tmp_path)
+    assert "<img src='main/cut/x.png'" in index.read_text() and "0.700" in index.read_text()
 
 
 def test_collect_and_summarise_training_runs(tmp_path: Path) -> None:

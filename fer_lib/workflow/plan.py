@@ -40,7 +40,7 @@ STAGE_KEYS = {"name", "notebook", "parameters", "configs", "grid", "output", "ti
               "require_metrics", "warm_up", "description"}
 EXPERIMENT_KEYS = {"name", "description", "seed", "jobs"}
 TOP_KEYS = {"experiment", "variables", "defaults", "stage", "headline"}
-HEADLINE_KEYS = ("baseline", "guided", "interpret", "comparison")
+HEADLINE_KEYS = ("baseline", "guided", "interpret", "shortcut", "comparison", "figures")
 _PLACEHOLDER = re.compile(r"\{(repo|results)\}|\{(var|stage|run):([^{}]+)\}")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
@@ -82,7 +82,7 @@ class Experiment:
     jobs: int = 1
     variables: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
-    headline: dict[str, str] = field(default_factory=dict)
+    headline: dict[str, str | list[str]] = field(default_factory=dict)  # figures: a list of paths
 
     def stage(self, name: str) -> Stage:
         """The stage called `name` (ConfigError listing the stages otherwise)."""
@@ -193,12 +193,16 @@ def experiment_from_dict(data: Mapping[str, Any], source: Path | None = None,
         stages.append(_parse_stage(raw, f"{where} stage #{index + 1}", stages))
     headline = dict(data.get("headline", {}))
     _check_keys(f"{where} [headline]", headline, HEADLINE_KEYS)
+    if not isinstance(headline.get("figures", []), list):
+        raise ConfigError(f"{where} [headline]: figures must be a list of paths (\"{{run:stage}}/figure.png\"), "
+                          f"got {headline['figures']!r}")
     jobs = int(head.get("jobs", 1))
     if jobs < 1:
         raise ConfigError(f"{where}: jobs must be >= 1, got {jobs}")
     return Experiment(name=name, source=source, stages=stages, description=str(head.get("description", "")),
                       seed=int(head.get("seed", 0)), jobs=jobs, variables=variables,
-                      defaults=dict(data.get("defaults", {})), headline={k: str(v) for k, v in headline.items()})
+                      defaults=dict(data.get("defaults", {})), headline={k: [str(f) for f in v] if isinstance(v, list) else str(v)
+                                                          for k, v in headline.items()})
 
 
 def load_experiment(name_or_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Experiment:

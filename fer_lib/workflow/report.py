@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import nbformat
 import pandas as pd
 
-from fer_lib.metrics import HEADLINE_PATHS, METRICS_FILE, headline_number, metric_at
+from fer_lib.metrics import HEADLINE_PATHS, INTERVAL_PATHS, METRICS_FILE, headline_number, metric_at
 from fer_lib.utils import ConfigError, atomic_write_json, atomic_write_text, git_revision
 from fer_lib.workflow.plan import DEFAULT_RESULTS, MARKER, read_marker
 
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 SUMMARY_COLUMNS = ["stage", "run_id", "status", "duration_s", "error", "run_dir"]
 STATUSES = ("ok", "skipped", "failed", "blocked")
 HEADLINE_COLUMNS = ["model", "backbone", "lambda", "layers", "accuracy", "macro_f1", "ATT-COS", "CAM-COS",
-                    "train_time_s"]
+                    "shortcut_acc", "cue_energy", "train_time_s"]
+#: headline column -> the key of headline.json (results/<experiment>/headline.json)
+HEADLINE_JSON_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "ATT-COS": "att_cos", "CAM-COS": "cam_cos",
+                      "shortcut_acc": "shortcut_accuracy", "cue_energy": "cue_energy"}
 TRAINING_COLUMNS = ["run", "backbone", "au_weight", "layers", "tapped", "seed", "accuracy", "macro_f1", "att_cos",
                     "cam_cos", "train_time_s", "n_test"]
 
@@ -144,29 +147,90 @@ def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 
+def _interval(record: Mapping[str, Any] | None, path: str | None) -> list[float] | None:
+    """A [low, high] interval at one key path (None where absent or not two numbers)."""
+    value = metric_at(record, path) if path else None
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(headline_number(v) is not None for v in value):
+        return [float(value[0]), float(value[1])]
+    return None
+
+
 def headline_table(baseline: Mapping[str, Any] | None, guided: Mapping[str, Any] | None,
-                   interpret: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Baseline vs AU-guided: accuracy, macro-F1, ATT-COS, CAM-COS (CAM-COS from `interpret` if given).
+                   interpret: Mapping[str, Any] | None = None, shortcut: Mapping[str, Any] | None = None
+                   ) -> pd.DataFrame:
+    """Baseline vs AU-guided: accuracy, macro-F1, ATT-COS, CAM-COS, shortcut accuracy and cue energy, each with
+    its 95% interval in a `<column>_ci` column where the run measured one.
 
     Training numbers come from the training runs' metrics.json; `interpret` (notebook 04's) gives
-    CAM-COS at <role>.cam_cos, and ATT-COS at <role>.att_cos_mean where training measured none.
+    CAM-COS at <role>.cam_cos, and ATT-COS at <role>.att_cos_mean where training measured none;
+    `shortcut` (notebook 10's) the clean accuracy of the model trained with the spurious cue and its
+    attention energy on the cue.
     """
     rows = []
-    paths = HEADLINE_PATHS["interpret"]
+    paths, cut, spread = HEADLINE_PATHS["interpret"], HEADLINE_PATHS["shortcut"], INTERVAL_PATHS
     for role, label, metrics in (("baseline", "baseline", baseline), ("guided", "AU-guided", guided)):
         if not metrics:
             continue
         row = training_headline_row(metrics)
+        cis = {"accuracy_ci": _interval(metrics, spread["training"]["accuracy"]),
+               "macro_f1_ci": _interval(metrics, spread["training"]["macro_f1"]),
+               "ATT-COS_ci": _interval(metrics, spread["training"]["att_cos"]), "CAM-COS_ci": None}
         if interpret:
             cam = _number(interpret, paths["cam_cos"].format(role=role))
-            row["cam_cos"] = cam if cam is not None else row["cam_cos"]
+            if cam is not None:
+                row["cam_cos"] = cam
+                cis["CAM-COS_ci"] = _interval(interpret, spread["interpret"]["cam_cos"].format(role=role))
             if row["att_cos"] is None:
                 row["att_cos"] = _number(interpret, paths["att_cos"].format(role=role))
+        short = {"shortcut_acc": None, "cue_energy": None, "shortcut_acc_ci": None, "cue_energy_ci": None}
+        if shortcut:
+            for col, key in (("shortcut_acc", "shortcut_accuracy"), ("cue_energy", "cue_energy")):
+                short[col] = _number(shortcut, cut[key].format(role=role))
+                short[f"{col}_ci"] = _interval(shortcut, spread["shortcut"][key].format(role=role))
         rows.append({"model": label, "backbone": row["backbone"], "lambda": row["au_weight"],
                      "layers": row["layers"], "accuracy": row["accuracy"], "macro_f1": row["macro_f1"],
-                     "ATT-COS": row["att_cos"], "CAM-COS": row["cam_cos"],
+                     "ATT-COS": row["att_cos"], "CAM-COS": row["cam_cos"], **short, **cis,
                      "train_time_s": None if row["train_time_s"] is None else round(row["train_time_s"], 1)})
-    return pd.DataFrame(rows, columns=HEADLINE_COLUMNS)
+    ci_columns = [f"{c}_ci" for c in HEADLINE_JSON_KEYS]
+    return pd.DataFrame(rows, columns=HEADLINE_COLUMNS + ci_columns)
+
+
+def headline_record(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The content of results/<experiment>/headline.json: per role ("baseline", "guided") accuracy, macro_f1,
+    att_cos, cam_cos, shortcut_accuracy and cue_energy (each with `<key>_ci` where measured), the set's ceiling
+    (`oracle_accuracy`, from the baseline's training data), and the wall time and git revision of the pipeline
+    invocation that finished last (`runs_skipped` > 0: some runs came from an earlier invocation)."""
+    exp_dir = Path(exp_dir)
+    table = experiment_headline(exp_dir)
+    info = _load_json(exp_dir / "experiment.json") or {}
+    refs = info.get("headline") or {}
+    if table is None or refs.get("comparison"):
+        return None
+    summary = _load_json(exp_dir / "summary.json") or {}
+    record: dict[str, Any] = {}
+    for role, label in (("baseline", "baseline"), ("guided", "AU-guided")):
+        rows = table[table["model"] == label]
+        if rows.empty:
+            continue
+        row = rows.iloc[0]
+        entry: dict[str, Any] = {}
+        for col, key in HEADLINE_JSON_KEYS.items():
+            entry[key] = headline_number(row[col])
+            if row[f"{col}_ci"] is not None:
+                entry[f"{key}_ci"] = row[f"{col}_ci"]
+        record[role] = entry
+    base = _load_json(exp_dir / refs["baseline"] / "metrics.json") if refs.get("baseline") else None
+    record["oracle_accuracy"] = _number(base, HEADLINE_PATHS["training"]["oracle_accuracy"])
+    record["wall_time_s"] = summary.get("wall_time_s")
+    record["git_revision"] = summary.get("git_revision")
+    record["runs_skipped"] = (summary.get("counts") or {}).get("skipped")
+    return record
+
+
+def write_headline(exp_dir: str | os.PathLike) -> Path | None:
+    """Write headline.json (`headline_record`) into the experiment folder; None where it declares no pair."""
+    record = headline_record(exp_dir)
+    return None if record is None else atomic_write_json(Path(exp_dir) / "headline.json", record)
 
 
 def _comparison_cam(row: Mapping[str, Any]) -> float | None:
@@ -211,8 +275,9 @@ def experiment_headline(exp_dir: str | os.PathLike) -> pd.DataFrame | None:
         return None if table.empty else table
     if not refs.get("baseline") and not refs.get("guided"):
         return None
-    loaded = {k: _load_json(exp_dir / v / "metrics.json") for k, v in refs.items()}
-    table = headline_table(loaded.get("baseline"), loaded.get("guided"), loaded.get("interpret"))
+    loaded = {k: _load_json(exp_dir / v / "metrics.json") for k, v in refs.items() if isinstance(v, str)}
+    table = headline_table(loaded.get("baseline"), loaded.get("guided"), loaded.get("interpret"),
+                           loaded.get("shortcut"))
     return None if table.empty else table
 
 
@@ -329,7 +394,9 @@ _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans
 margin:2em auto;padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0 1.4em;
 font-size:.92em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}th{background:#f2f2f2}
 tr:nth-child(even) td{background:#fafafa}code{background:#f4f4f4;padding:0 .25em}h2{margin-top:2em;
-border-bottom:1px solid #ddd}.failed{color:#b00020}.muted{color:#666;font-size:.9em}"""
+border-bottom:1px solid #ddd}.failed{color:#b00020}.muted{color:#666;font-size:.9em}
+.figures{display:flex;flex-wrap:wrap;gap:1em}.figures figure{margin:0;max-width:48%}.figures img{max-width:100%;
+border:1px solid #ddd}figcaption{font-size:.8em;color:#666}"""
 
 
 def write_index(results_root: str | os.PathLike = DEFAULT_RESULTS) -> tuple[Path, Path]:
@@ -364,8 +431,19 @@ def write_index(results_root: str | os.PathLike = DEFAULT_RESULTS) -> tuple[Path
         headline = experiment_headline(exp_dir)
         if headline is not None:
             where = html.escape(headline_split(exp_dir))
-            html_parts.append(f"<h3>Headline: baseline vs AU-guided ({where})</h3>" + _html_table(headline))
-            md += [f"### Headline: baseline vs AU-guided ({where})", "", markdown_table(headline), ""]
+            shown = shown_headline(headline)
+            html_parts.append(f"<h3>Headline: baseline vs AU-guided ({where})</h3>" + _html_table(shown)
+                              + "<p class='muted'>Brackets: 95% intervals (accuracy: Wilson; the others: bootstrap "
+                              "over test faces). shortcut_acc: clean test accuracy of the model trained with a "
+                              "spurious cue; cue_energy: its attention's share on the cue.</p>")
+            md += [f"### Headline: baseline vs AU-guided ({where})", "", markdown_table(shown), ""]
+        figures = [f for f in (info.get("headline") or {}).get("figures") or [] if (exp_dir / f).is_file()]
+        if figures:
+            html_parts.append("<div class='figures'>" + "".join(
+                f"<figure><a href='{html.escape(exp_dir.name + '/' + f)}'><img src='{html.escape(exp_dir.name + '/' + f)}' "
+                f"alt='{html.escape(f)}'></a><figcaption>{html.escape(f)}</figcaption></figure>" for f in figures)
+                + "</div>")
+            md += [f"![{f}]({exp_dir.name}/{f})" for f in figures] + [""]
         runs = _experiment_runs(exp_dir)
         if runs.empty:
             continue
@@ -390,10 +468,23 @@ def write_index(results_root: str | os.PathLike = DEFAULT_RESULTS) -> tuple[Path
     return index, readme
 
 
-def format_headline(table: pd.DataFrame) -> str:
-    """The headline table as aligned plain text (lambda as given, scores with 3 decimals, '-' if absent)."""
-    shown = table.drop(columns=["train_time_s"]).copy()
+def shown_headline(table: pd.DataFrame) -> pd.DataFrame:
+    """The headline table as text cells: each score with its 95% interval ("0.931 [0.905, 0.952]"), '-' if absent;
+    the columns no row measured (e.g. the shortcut test of an experiment without one) are left out."""
+    shown = table.drop(columns=[c for c in table.columns if c.endswith("_ci") or c == "train_time_s"]).copy()
     shown["lambda"] = shown["lambda"].map(lambda v: f"{v:g}" if isinstance(v, (int, float)) else _fmt(v))
-    for col in ("accuracy", "macro_f1", "ATT-COS", "CAM-COS"):
-        shown[col] = shown[col].map(_fmt)
-    return shown.to_string(index=False)
+    for col in HEADLINE_JSON_KEYS:
+        if col not in shown:
+            continue
+        if table[col].isna().all():
+            shown = shown.drop(columns=[col])
+            continue
+        ci = table[f"{col}_ci"] if f"{col}_ci" in table else [None] * len(table)
+        shown[col] = [_fmt(v) + (f" [{c[0]:.3f}, {c[1]:.3f}]" if isinstance(c, list) else "")
+                      for v, c in zip(table[col], ci)]
+    return shown
+
+
+def format_headline(table: pd.DataFrame) -> str:
+    """The headline table as aligned plain text (`shown_headline`)."""
+    return shown_headline(table).to_string(index=False)

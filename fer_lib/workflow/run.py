@@ -33,7 +33,7 @@ from fer_lib.workflow.plan import (DEFAULT_RESULTS, MARKER, Experiment, Run, Sta
     Resolver, available_experiments, code_fingerprint, describe_experiments, is_complete, load_experiment,
     plan_experiment, read_marker)
 from fer_lib.workflow.report import (experiment_headline, format_headline, format_summary, headline_split,
-    render_notebooks, write_index, write_summary)
+    render_notebooks, write_headline, write_index, write_summary)
 
 LOCK_NAME = ".pipeline.lock"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -408,6 +408,7 @@ def run_experiment(experiment: Experiment, options: RunOptions | None = None, **
         finally:
             executor.close()
         write_summary(exp_dir, session.results, time.perf_counter() - started)
+        write_headline(exp_dir)
     if opts.render:
         render_notebooks(exp_dir, verbose=opts.verbose)
         write_index(results_root)
@@ -544,10 +545,11 @@ def _blocker(run: Run, plan: dict[str, list[Run]], status_of: dict[tuple[str, st
 
 def _write_experiment_info(experiment: Experiment, exp_dir: Path, plan: dict[str, list[Run]]) -> None:
     """experiment.json: stage order and headline runs, read later by the index builder."""
-    headline: dict[str, str] = {}
+    headline: dict[str, str | list[str]] = {}
     resolver = Resolver(experiment, exp_dir, plan)
     for key, ref in experiment.headline.items():
-        headline[key] = os.path.relpath(resolver.resolve(ref), exp_dir)
+        headline[key] = [os.path.relpath(resolver.resolve(r), exp_dir) for r in ref] if isinstance(ref, list) \
+            else os.path.relpath(resolver.resolve(ref), exp_dir)
     try:
         source = str(experiment.source.relative_to(REPO_ROOT)) if experiment.source else None
     except ValueError:
