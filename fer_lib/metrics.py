@@ -178,7 +178,11 @@ class ModelInterpretation(TypedDict, total=False):
     att_cos_mean: float | None
     cam_cos: float                        # the headline method's CAM-COS (cam_cos_method)
     cam_cos_by_method: dict[str, float]
-    cam_cos_ci: dict[str, list[float] | None]   # method -> [low, high] 95% (bootstrap over samples)
+    accuracy_ci: list[float] | None       # 95% intervals [low, high] of accuracy, macro_f1, att_cos_mean, cam_cos
+    macro_f1_ci: list[float] | None
+    att_cos_ci: list[float] | None
+    cam_cos_ci: list[float] | None
+    cam_cos_ci_by_method: dict[str, list[float] | None]   # method -> [low, high] (bootstrap over samples)
     cam_cos_method: str
     best_cam_method: str
 
