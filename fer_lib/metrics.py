@@ -231,6 +231,10 @@ HEADLINE_PATHS: dict[str, dict[str, str]] = {
     "comparison": {"rows": "comparison", "accuracy": "accuracy", "macro_f1": "macro_f1", "att_cos": "att_cos",
                    "cam_cos": "cam_cos", "train_time_s": "train_time_s"},
 }
+#: where the 95% interval ([low, high]) of a headline number sits; runs written before these keys have none
+INTERVAL_PATHS: dict[str, dict[str, str]] = {
+    "training": {"accuracy": "test.accuracy_ci", "macro_f1": "test.macro_f1_ci", "att_cos": "test.att_cos_ci"},
+}
 CAM_PREFERENCE = ("cam", "gradcam")   # the paper reports the model's own CAM; else Grad-CAM; else the mean
 
 
@@ -240,6 +244,15 @@ def metric_at(record: Mapping[str, Any] | None, path: str) -> Any:
     for part in path.split("."):
         node = node.get(part) if isinstance(node, Mapping) else None
     return node
+
+
+def interval_at(record: Mapping[str, Any] | None, path: str) -> tuple[float, float] | None:
+    """The [low, high] interval at a key path as two floats; None where absent or not two finite numbers."""
+    value = metric_at(record, path)
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    low, high = (headline_number(v) for v in value)
+    return None if low is None or high is None else (low, high)
 
 
 def headline_number(value: Any) -> float | None:

@@ -87,3 +87,13 @@ def test_mean_interval_t_and_bootstrap_ignore_nan():
         mean_interval([1.0, np.nan])
     with pytest.raises(ValueError, match="t, bootstrap"):
         mean_interval(values, method="normal")
+
+
+def test_interval_at_reads_new_runs_and_tolerates_old_ones():
+    from fer_lib.metrics import INTERVAL_PATHS, interval_at
+
+    record = {"test": {"accuracy": 0.8, "accuracy_ci": [0.7, 0.9], "macro_f1_ci": None, "att_cos_ci": [0.1]}}
+    paths = INTERVAL_PATHS["training"]
+    assert interval_at(record, paths["accuracy"]) == (0.7, 0.9)
+    assert interval_at(record, paths["macro_f1"]) is None and interval_at(record, paths["att_cos"]) is None
+    assert interval_at({"test": {"accuracy": 0.8}}, paths["accuracy"]) is None  # written before intervals

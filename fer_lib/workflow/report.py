@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import nbformat
 import pandas as pd
 
-from fer_lib.metrics import HEADLINE_PATHS, METRICS_FILE, headline_number, metric_at
+from fer_lib.metrics import HEADLINE_PATHS, INTERVAL_PATHS, METRICS_FILE, headline_number, interval_at, metric_at
 from fer_lib.utils import ConfigError, atomic_write_json, atomic_write_text, git_revision
 from fer_lib.workflow.plan import DEFAULT_RESULTS, MARKER, read_marker
 
@@ -32,8 +32,11 @@ SUMMARY_COLUMNS = ["stage", "run_id", "status", "duration_s", "error", "run_dir"
 STATUSES = ("ok", "skipped", "failed", "blocked")
 HEADLINE_COLUMNS = ["model", "backbone", "lambda", "layers", "accuracy", "macro_f1", "ATT-COS", "CAM-COS",
                     "train_time_s"]
+#: metrics with a 95% interval in training runs: columns <metric>_low, <metric>_high (NaN for older runs)
+INTERVAL_METRICS = tuple(INTERVAL_PATHS["training"])
 TRAINING_COLUMNS = ["run", "backbone", "au_weight", "layers", "tapped", "seed", "accuracy", "macro_f1", "att_cos",
-                    "cam_cos", "train_time_s", "n_test"]
+                    "cam_cos", "train_time_s", "n_test",
+                    *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high"))]
 
 
 # --------------------------------------------------------------------------- summaries of one invocation
@@ -88,7 +91,8 @@ def _number(record: Mapping[str, Any] | None, path: str) -> float | None:
 
 
 def training_headline_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """One row of headline numbers from a training metrics.json (kind "training", `HEADLINE_PATHS`)."""
+    """One row of headline numbers from a training metrics.json (kind "training", `HEADLINE_PATHS`), with
+    the 95% interval of each metric of `INTERVAL_PATHS` as <metric>_low / <metric>_high (None if absent)."""
     paths = HEADLINE_PATHS["training"]
     config = metrics.get("config") or {}
     layers = config.get("layers")
@@ -101,6 +105,8 @@ def training_headline_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "seed": config.get("seed"),
         **{key: _number(metrics, paths[key]) for key in ("accuracy", "macro_f1", "att_cos", "cam_cos", "train_time_s")},
         "n_test": metric_at(metrics, paths["n_test"]),
+        **{f"{key}_{end}": (ci[i] if ci else None) for key, path in INTERVAL_PATHS["training"].items()
+           for ci in [interval_at(metrics, path)] for i, end in enumerate(("low", "high"))},
     }
 
 
@@ -130,7 +136,11 @@ def collect_training_runs(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of each metric, per backbone, tapped layers and lambda."""
+    """Mean and std over seeds of each metric, per backbone, tapped layers and lambda.
+
+    Where the runs hold 95% intervals (<metric>_low/_high; older runs do not): the mean of the runs'
+    bounds, i.e. that run's interval when a group has one run (the spread over seeds is <metric>_std).
+    """
     if runs.empty:
         raise ConfigError("no training runs to summarise (no metrics.json with config and test)")
     metrics = [m for m in ("accuracy", "macro_f1", "att_cos", "cam_cos", "train_time_s") if runs[m].notna().any()]
@@ -138,6 +148,10 @@ def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
     table = grouped.mean()
     std = grouped.std(ddof=0).add_suffix("_std")
     table = table.join(std)
+    bounds = [f"{m}_{end}" for m in metrics if m in INTERVAL_METRICS for end in ("low", "high")
+              if f"{m}_{end}" in runs and runs[f"{m}_{end}"].notna().any()]
+    if bounds:
+        table = table.join(runs.groupby(["backbone", "layers", "au_weight"], dropna=False)[bounds].mean())
     table["n_runs"] = grouped.size()
     return table.reset_index().sort_values(["backbone", "layers", "au_weight"]).reset_index(drop=True)
 
