@@ -24,6 +24,10 @@ Each headline number has ONE key path (`HEADLINE_PATHS`), read with `metric_at` 
     shortcut  (kind "shortcut": notebook 10)  per role: headline.<role>.shortcut_accuracy (clean test
               accuracy of the model trained with the spurious cue), headline.<role>.cue_energy
 
+Uncertainty: beside a headline number, `<key>_ci` holds its 95% interval as [low, high] (`CI_LEVEL`):
+accuracy by `wilson_interval`, macro-F1 and means of per-sample scores (ATT-COS, CAM-COS) by the
+percentile `bootstrap_interval` over samples (seed 0). Runs written before these keys have none.
+
 A CAM-COS value is a number, or {method: number} where the headline picks the model's own CAM
 ("cam"), else Grad-CAM, else the mean over methods (`CAM_PREFERENCE`).
 """
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypedDict
+from statistics import NormalDist
+from typing import Any, Callable, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -141,6 +146,9 @@ class SplitMetrics(TypedDict, total=False):
     att_cos: dict[str, float | None]      # tapped layer -> ATT-COS
     att_cos_mean: float | None            # the headline ATT-COS
     n_valid_maps: int
+    accuracy_ci: list[float] | None       # [low, high] 95%: Wilson
+    macro_f1_ci: list[float] | None       # [low, high] 95%: bootstrap over samples
+    att_cos_ci: list[float] | None        # [low, high] 95%: bootstrap of the mean of per-sample ATT-COS
     cam_cos: float | dict[str, float]     # optional: a number or {CAM method: CAM-COS}
 
 
@@ -173,6 +181,11 @@ class ModelInterpretation(TypedDict, total=False):
     att_cos_mean: float | None
     cam_cos: float                        # the headline method's CAM-COS (cam_cos_method)
     cam_cos_by_method: dict[str, float]
+    accuracy_ci: list[float] | None       # 95% intervals [low, high] of accuracy, macro_f1, att_cos_mean, cam_cos
+    macro_f1_ci: list[float] | None
+    att_cos_ci: list[float] | None
+    cam_cos_ci: list[float] | None
+    cam_cos_ci_by_method: dict[str, list[float] | None]   # method -> [low, high] (bootstrap over samples)
     cam_cos_method: str
     best_cam_method: str
 
@@ -240,6 +253,15 @@ def metric_at(record: Mapping[str, Any] | None, path: str) -> Any:
     return node
 
 
+def interval_at(record: Mapping[str, Any] | None, path: str) -> tuple[float, float] | None:
+    """The [low, high] interval at a key path as two floats; None where absent or not two finite numbers."""
+    value = metric_at(record, path)
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    low, high = (headline_number(v) for v in value)
+    return None if low is None or high is None else (low, high)
+
+
 def headline_number(value: Any) -> float | None:
     """A finite number as float; a {name: number} dict as its CAM_PREFERENCE entry, else its mean; else None."""
     if isinstance(value, bool):
@@ -284,3 +306,143 @@ def write_metrics(output_dir: str | Path, record: Mapping[str, Any], kind: str) 
     check_metrics(record, kind)
     body = {k: v for k, v in record.items() if k not in ("schema", "kind")}
     return atomic_write_json(Path(output_dir) / METRICS_FILE, {"schema": METRICS_SCHEMA, "kind": kind, **body})
+
+
+# --------------------------------------------------------------------------- uncertainty: 95% intervals
+#: the level of every interval the library reports (`<metric>_ci` keys hold [low, high] at this level)
+CI_LEVEL = 0.95
+MEAN_INTERVAL_METHODS: tuple[str, ...] = ("t", "bootstrap")
+
+
+def _check_level(level: float) -> float:
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0 < float(level) < 1:
+        raise ValueError(f"level must be a number strictly between 0 and 1 (e.g. 0.95 for a 95% interval), "
+                         f"got {level!r}")
+    return float(level)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def wilson_interval(k: int, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (accuracy = correct/total).
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and is not empty at k = 0 or k = n
+    (it is [0, x] and [x, 1] there). ValueError for n < 1, k outside 0..n or level outside (0, 1).
+    """
+    level = _check_level(level)
+    n = _check_count("n (number of trials)", n, 1)
+    k = _check_count("k (number of successes)", k, 0)
+    if k > n:
+        raise ValueError(f"k (number of successes) must be between 0 and n={n}, got k={k}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
+
+
+def _bootstrap_arrays(data: Any) -> tuple[list[np.ndarray], bool]:
+    """(arrays resampled together, whether they are paired); NaN dropped from a single array of values."""
+    paired = isinstance(data, tuple) and len(data) > 0 and all(np.ndim(a) >= 1 for a in data)
+    arrays = [np.asarray(a) for a in data] if paired else [np.asarray(data, dtype=float)]
+    if any(a.ndim != 1 for a in arrays):
+        raise ValueError(f"bootstrap_interval needs 1-D values or a tuple of 1-D arrays of one length, "
+                         f"got shapes {[a.shape for a in arrays]}")
+    if len({a.shape[0] for a in arrays}) > 1:
+        raise ValueError(f"paired arrays must have one length, got lengths {[a.shape[0] for a in arrays]}")
+    if not paired:
+        arrays = [arrays[0][~np.isnan(arrays[0])]]
+    return arrays, paired
+
+
+def bootstrap_interval(data: Any, statistic: Callable[..., float] = np.mean, n_boot: int = 1000,
+                       level: float = CI_LEVEL, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of `statistic` by resampling samples with replacement.
+
+    `data`: 1-D values (NaN ignored; `statistic(values)`, e.g. the mean of per-sample ATT-COS), or
+    a tuple of 1-D arrays of one length resampled together (`statistic(*arrays)`, e.g.
+    (y_true, y_pred) with `macro_f1`). Deterministic from `seed`. The interval is widened to hold
+    the statistic of the data itself (a percentile interval of a biased statistic, e.g. macro-F1 on
+    a handful of samples, can miss it). ValueError for no (non-NaN) samples, n_boot < 1 or level
+    outside (0, 1).
+    """
+    level = _check_level(level)
+    n_boot = _check_count("n_boot", n_boot, 1)
+    arrays, paired = _bootstrap_arrays(data)
+    n = arrays[0].shape[0]
+    if n == 0:
+        raise ValueError("bootstrap_interval got no samples" + ("" if paired else " (after dropping NaN)")
+                         + "; it needs at least one")
+    estimate = float(statistic(*arrays))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        stats[b] = statistic(*(a[idx] for a in arrays))
+    stats = stats[~np.isnan(stats)]
+    if not stats.size or math.isnan(estimate):
+        return float("nan"), float("nan")
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(min(low, estimate)), float(max(high, estimate))
+
+
+def mean_interval(values: Any, level: float = CI_LEVEL, method: str = "t", n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Interval of the mean of `values`, NaN ignored: Student t (method="t", needs >= 2 values) or
+    the percentile bootstrap (method="bootstrap", see `bootstrap_interval`)."""
+    check_choice("method", method, MEAN_INTERVAL_METHODS)
+    level = _check_level(level)
+    arr = np.asarray(values, dtype=float).ravel()
+    arr = arr[~np.isnan(arr)]
+    if method == "bootstrap":
+        return bootstrap_interval(arr, np.mean, n_boot=n_boot, level=level, seed=seed)
+    if arr.size < 2:
+        raise ValueError(f"a t interval of the mean needs at least 2 non-NaN values, got {arr.size}; "
+                         "use method='bootstrap' for fewer")
+    from scipy import stats as sps
+
+    centre = float(arr.mean())
+    half = float(sps.t.ppf(0.5 + level / 2, arr.size - 1) * arr.std(ddof=1) / math.sqrt(arr.size))
+    return centre - half, centre + half
+
+
+def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over the classes present in y_true or y_pred (as `classification_metrics`), fast enough to
+    bootstrap (labels 0..n_classes-1 assumed)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if not y_true.size:
+        return float("nan")
+    tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes).astype(float)
+    support = np.bincount(y_true, minlength=n_classes).astype(float)
+    predicted = np.bincount(y_pred, minlength=n_classes).astype(float)
+    present = (support > 0) | (predicted > 0)
+    f1 = 2 * tp[present] / (support[present] + predicted[present])  # = 2PR/(P+R); 0 where tp = 0
+    return float(f1.mean())
+
+
+def as_interval(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval as the JSON-ready [low, high] of the `<metric>_ci` keys; None where not finite."""
+    if interval is None or not all(math.isfinite(v) for v in interval):
+        return None
+    return [float(interval[0]), float(interval[1])]
+
+
+def classification_intervals(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                             n_classes: int, level: float = CI_LEVEL, n_boot: int = 1000,
+                             seed: int = 0) -> dict[str, list[float] | None]:
+    """accuracy_ci (Wilson) and macro_f1_ci (bootstrap over samples) as [low, high]; None with no samples."""
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if not y_true.size:
+        return {"accuracy_ci": None, "macro_f1_ci": None}
+    f1 = bootstrap_interval((y_true, y_pred), lambda t, p: macro_f1(t, p, n_classes), n_boot, level, seed)
+    return {"accuracy_ci": as_interval(wilson_interval(int((y_true == y_pred).sum()), int(y_true.size), level)),
+            "macro_f1_ci": as_interval(f1)}

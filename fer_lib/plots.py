@@ -1,9 +1,9 @@
-"""Figures shared by the notebooks: landmarks on a face, AU maps, overlays; saved atomically."""
+"""Figures shared by the notebooks: landmarks on a face, AU maps, overlays, interval error bars; saved atomically."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,45 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path
+
+
+def interval_yerr(value: Any, low: Any, high: Any) -> np.ndarray:
+    """matplotlib's `yerr` (2, n) for [low, high] intervals around values: the distances below and above."""
+    v, lo, hi = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (value, low, high))
+    return np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)])
+
+
+def interval_errorbars(ax, x: Any, value: Any, low: Any, high: Any, color: Any = "black", **kwargs: Any) -> int:
+    """Draw [low, high] error bars at (x, value), skipping points without a finite interval (runs written
+    before intervals existed); returns how many were drawn."""
+    x, v, lo, hi = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (x, value, low, high))
+    keep = np.isfinite(x) & np.isfinite(v) & np.isfinite(lo) & np.isfinite(hi)
+    if keep.any():
+        ax.errorbar(x[keep], v[keep], yerr=interval_yerr(v[keep], lo[keep], hi[keep]), fmt="none",
+                    ecolor=color, capsize=kwargs.pop("capsize", 3), lw=kwargs.pop("lw", 1), **kwargs)
+    return int(keep.sum())
+
+
+def grouped_bars(ax, frame: Any, x: str, hue: str, y: str, low: str | None = None, high: str | None = None,
+                 x_order: Sequence[Any] | None = None, hue_order: Sequence[Any] | None = None,
+                 palette: Mapping[Any, Any] | None = None, width: float = 0.8) -> None:
+    """Bars of `frame[y]` per `x` category, side by side per `hue` level, with [frame[low], frame[high]] error
+    bars where those columns are given and finite (one row per (x, hue): e.g. an ablation table)."""
+    import seaborn as sns
+
+    x_order = list(x_order if x_order is not None else dict.fromkeys(frame[x]))
+    hue_order = list(hue_order if hue_order is not None else dict.fromkeys(frame[hue]))
+    palette = palette or dict(zip(hue_order, sns.color_palette(n_colors=len(hue_order))))
+    step = width / max(len(hue_order), 1)
+    for j, level in enumerate(hue_order):
+        rows = frame[frame[hue] == level]
+        pos = {cat: i for i, cat in enumerate(x_order)}
+        xs = np.array([pos[c] for c in rows[x]], dtype=float) - width / 2 + step * (j + 0.5)
+        ax.bar(xs, rows[y].to_numpy(dtype=float), width=step, color=palette[level], label=str(level))
+        if low and high and low in rows and high in rows:
+            interval_errorbars(ax, xs, rows[y], rows[low], rows[high])
+    ax.set_xticks(range(len(x_order)))
+    ax.set_xticklabels([str(c) for c in x_order])
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:

@@ -114,6 +114,11 @@ def test_evaluate_command_on_imagefolder(tiny_folder, tiny_checkpoint, tmp_path,
     assert res["cam_methods"] == ["gradcam"] and "gradcam" in res["cam_cos"]
     if res["n_valid_maps"]:
         assert -1.0 <= res["att_cos_mean"] <= 1.0 and -1.0 <= res["cam_cos"]["gradcam"] <= 1.0
+        assert res["att_cos_ci"][0] <= res["att_cos_mean"] <= res["att_cos_ci"][1]
+        low, high = res["cam_cos_ci"]["gradcam"]
+        assert low <= res["cam_cos"]["gradcam"] <= high and "95%" in format_table(res)
+    assert res["accuracy_ci"][0] <= res["accuracy"] <= res["accuracy_ci"][1]
+    assert res["macro_f1_ci"][0] <= res["macro_f1"] <= res["macro_f1_ci"][1]
     assert "run" in res and res["run"]["config"]["checkpoint"] == str(tiny_checkpoint)
     assert "accuracy" in format_table(res)
 

@@ -156,6 +156,17 @@ def test_attention_equal_to_au_map_scores_one_and_shuffled_lower(map_data):
     assert good.summary["pearson"]["attention:feat"] == pytest.approx(1.0, abs=1e-4)
     assert bad.summary["att_cos"]["feat"] < 0.7
     assert bad.summary["cam_cos"]["cam"] < 0.7
+    # 95% intervals beside the means: each holds its number; the shuffled model's CAM-COS one lies below 1
+    for res in (good, bad):
+        sm = res.summary
+        for value, ci in ((sm["accuracy"], sm["accuracy_ci"]), (sm["macro_f1"], sm["macro_f1_ci"]),
+                          (sm["att_cos_mean"], sm["att_cos_ci"]), (sm["cam_cos"]["cam"], sm["cam_cos_ci"]["cam"])):
+            assert ci[0] - 1e-9 <= value <= ci[1] + 1e-9
+    assert bad.summary["cam_cos_ci"]["cam"][1] < good.summary["cam_cos_ci"]["cam"][0]
+    table = I.comparison_table({"good": good, "bad": bad})
+    assert table.loc["bad", "CAM-COS low"] <= table.loc["bad", "CAM-COS"] <= table.loc["bad", "CAM-COS high"]
+    assert table.loc["good", "CL low"] <= table.loc["good", "CL"] <= table.loc["good", "CL high"] <= 100
+    assert {"CAM-COS cam low", "ATT-COS high", "macro_f1 low"} <= set(table.columns)
     # the energy ratio of a perfect map beats the AU regions' share of the image (a uniform map)
     assert good.summary["energy_ratio"]["attention:feat"] > good.summary["au_area"] + 0.2
     assert bad.summary["energy_ratio"]["attention:feat"] < good.summary["energy_ratio"]["attention:feat"]

@@ -68,6 +68,11 @@ def test_notebook04_smoke_trains_a_tiny_pair_and_compares(tmp_path):
     for model in ("baseline", "guided"):
         assert set(metrics[model]["cam_cos_by_method"]) == {"cam", "gradcam", "eigencam"}
         assert 0 <= metrics[model]["att_cos_mean"] <= 1
+        m = metrics[model]  # 95% intervals beside the numbers
+        assert set(m["cam_cos_ci_by_method"]) == {"cam", "gradcam", "eigencam"}
+        assert m["cam_cos_ci"][0] <= m["cam_cos"] <= m["cam_cos_ci"][1]
+        assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
+    assert {"CAM-COS low", "CAM-COS high"} <= set(metrics["table1"][0])
 
 
 @pytest.mark.slow

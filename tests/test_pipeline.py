@@ -359,7 +359,10 @@ def test_collect_and_summarise_training_runs(tmp_path: Path) -> None:
     for i, (w, acc, att, seed) in enumerate(specs):
         run = tmp_path / "sweep" / f"r{i}"
         run.mkdir(parents=True)
-        (run / "metrics.json").write_text(json.dumps(fake_training_metrics(w, acc, att, seed=seed)))
+        metrics = fake_training_metrics(w, acc, att, seed=seed)
+        if w:  # newer runs hold 95% intervals; the lambda = 0 ones stand for runs written before them
+            metrics["test"].update(accuracy_ci=[acc - 0.1, acc + 0.1], att_cos_ci=[att - 0.2, att + 0.1])
+        (run / "metrics.json").write_text(json.dumps(metrics))
         (run / "run.json").write_text(json.dumps({"status": "ok"}))
     bad = tmp_path / "sweep" / "failed"
     bad.mkdir()
@@ -376,6 +379,11 @@ def test_collect_and_summarise_training_runs(tmp_path: Path) -> None:
     assert table["au_weight"].tolist() == [0, 9] and table["n_runs"].tolist() == [2, 2]
     assert table["accuracy"].tolist() == pytest.approx([0.75, 0.85])
     assert table["att_cos_std"].tolist() == pytest.approx([0.05, 0.05])
+    assert runs["accuracy_low"].isna().tolist() == [True, True, False, False] and runs["macro_f1_low"].isna().all()
+    assert runs.loc[2, "att_cos_high"] == pytest.approx(0.9)
+    assert table["accuracy_low"].isna().tolist() == [True, False]  # mean of the runs' bounds
+    assert table.loc[1, "accuracy_low"] == pytest.approx(0.75) and table.loc[1, "att_cos_low"] == pytest.approx(0.65)
+    assert "macro_f1_low" not in table  # no run holds it
     with pytest.raises(ConfigError, match="no training runs"):
         pipeline.ablation_summary(pipeline.collect_training_runs(tmp_path / "empty"))
 

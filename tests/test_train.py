@@ -72,6 +72,9 @@ def test_outputs_follow_the_contract(finished_run):
         ds = toy_splits(SIZE)[split]  # every 5th sample without landmarks, neutral without AUs
         expected = sum(bool(h) and int(y) != 0 for y, h in zip(ds.labels, ds.has_landmarks))
         assert m["n_valid_maps"] == expected < 21
+        for key, ci in (("accuracy", "accuracy_ci"), ("macro_f1", "macro_f1_ci"), ("att_cos_mean", "att_cos_ci")):
+            low, high = m[ci]  # the 95% interval beside each headline number
+            assert 0.0 <= low <= m[key] <= high <= 1.0 and high > low, (split, ci, m[ci])
     assert on_disk["train_time_s"] > 0 and on_disk["images_per_s"] > 0
     import pandas as pd
 

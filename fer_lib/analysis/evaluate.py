@@ -21,7 +21,8 @@ Without `--data` the checkpoint's own training dataset is used (its full `--spli
 Reported: accuracy, macro-F1, per-class accuracy, confusion matrix (rows = true class),
 ATT-COS per tapped layer (fer_lib.training.train.evaluate), CAM-COS per CAM method on a seeded subset
 (fer_lib.analysis.interpret.evaluate_interpretability; CAMs cost a backward pass each), and the landmark
-detection rate overall and per class (MediaPipe through the on-disk cache). Map scores count
+detection rate overall and per class (MediaPipe through the on-disk cache), with 95% intervals as
+[low, high]: accuracy_ci, macro_f1_ci, att_cos_ci and cam_cos_ci {method: [low, high]}. Map scores count
 only samples with a valid AU map (landmarks found and a class with AUs; neutral has none).
 Unreadable images are skipped, counted and listed with the reason. The JSON is written
 atomically and stamped with run_info; a table is printed.
@@ -299,7 +300,8 @@ def evaluate(model_or_checkpoint: TappedModel | str | Path, data: Any = None, ca
         "accuracy": cls["accuracy"], "macro_f1": cls["macro_f1"], "per_class_accuracy": cls["per_class_accuracy"],
         "confusion": cls["confusion"], "ce": cls.get("ce"),
         "att_cos": cls["att_cos"], "att_cos_mean": cls["att_cos_mean"], "n_valid_maps": cls["n_valid_maps"],
-        "cam_cos": {}, "cam_pearson": {}, "cam_energy_ratio": {}, "cam_n": 0, "cam_n_valid": 0,
+        "accuracy_ci": cls.get("accuracy_ci"), "macro_f1_ci": cls.get("macro_f1_ci"), "att_cos_ci": cls.get("att_cos_ci"),
+        "cam_cos": {}, "cam_cos_ci": {}, "cam_pearson": {}, "cam_energy_ratio": {}, "cam_n": 0, "cam_n_valid": 0,
         "landmarks": _dataset_landmarks(ds, None if options.max_samples is None else indices, options),
         "skipped": {"count": len(skipped), "items": [{"path": p, "reason": why} for p, why in skipped[:MAX_LISTED_SKIPPED]]},
         "eval_time_s": elapsed, "eval_images_per_s": cls["n"] / elapsed if elapsed > 0 else None,
@@ -309,7 +311,7 @@ def evaluate(model_or_checkpoint: TappedModel | str | Path, data: Any = None, ca
         t1 = time.perf_counter()
         interp = _cam_scores(model, ds, target, indices, cams.replace(cam_methods=tuple(methods)), options, checkpoint)
         s = interp.summary
-        result.update(cam_cos=s["cam_cos"], cam_n=s["n"], cam_n_valid=s["n_valid"], cam_time_s=time.perf_counter() - t1,
+        result.update(cam_cos=s["cam_cos"], cam_cos_ci=s.get("cam_cos_ci") or {}, cam_n=s["n"], cam_n_valid=s["n_valid"], cam_time_s=time.perf_counter() - t1,
                       cam_pearson={m: s["pearson"].get(f"cam:{m}") for m in methods},
                       cam_energy_ratio={m: s["energy_ratio"].get(f"cam:{m}") for m in methods},
                       au_area=s.get("au_area"))
@@ -360,17 +362,24 @@ def format_table(result: dict[str, Any]) -> str:
             return "n/a"
         return f"{100 * v:.2f}%" if pct else f"{v:.3f}"
 
+    def ci(interval: Any, pct: bool = False) -> str:
+        """ "  [low, high] 95%" where the result holds an interval (older results: none)."""
+        return f"  [{f(interval[0], pct)}, {f(interval[1], pct)}] 95%" if interval else ""
+
     m = result["model"]
     lines = [f"checkpoint {result['checkpoint']}  ({m['backbone']}, {m['image_size']} px, "
              f"lambda {result['train_config'].get('au_weight')})",
              f"data       {result['dataset']}:{result['split']} {result['data'] or '(training dataset)'}  "
              f"n={result['n']}  skipped={result['skipped']['count']}",
-             f"accuracy   {f(result['accuracy'], True)}",
-             f"macro-F1   {f(result['macro_f1'], True)}"]
+             f"accuracy   {f(result['accuracy'], True)}{ci(result.get('accuracy_ci'), True)}",
+             f"macro-F1   {f(result['macro_f1'], True)}{ci(result.get('macro_f1_ci'), True)}"]
     for layer, v in (result["att_cos"] or {}).items():
         lines.append(f"ATT-COS    {f(v)}  ({layer}, {result['n_valid_maps']} valid maps)")
+    if len(result["att_cos"] or {}) > 1 or result.get("att_cos_ci"):
+        lines.append(f"ATT-COS    {f(result['att_cos_mean'])}{ci(result.get('att_cos_ci'))}  (mean over layers)")
     for method, v in (result["cam_cos"] or {}).items():
-        lines.append(f"CAM-COS    {f(v)}  ({method}, {result['cam_n_valid']} valid of {result['cam_n']} sampled)")
+        lines.append(f"CAM-COS    {f(v)}{ci((result.get('cam_cos_ci') or {}).get(method))}  "
+                     f"({method}, {result['cam_n_valid']} valid of {result['cam_n']} sampled)")
     lm = result.get("landmarks")
     if lm:
         lines.append(f"landmarks  {f(lm['detection_rate'], True)} detected ({lm['detected']}/{lm['n']})")

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from fer_lib.data import build_datasets
 from fer_lib.faces.au import CODEBOOK, EXPRESSIONS
-from fer_lib.metrics import classification_metrics, map_cosine
+from fer_lib.metrics import as_interval, bootstrap_interval, classification_intervals, classification_metrics, map_cosine
 from fer_lib.models import layer_attention
 from fer_lib.models import resolve_layers as _resolve_model_layers
 from fer_lib.models.checkpoints import read_checkpoint
@@ -532,6 +532,13 @@ def _nanmean(values: Any) -> float:
     return float(np.nanmean(arr)) if arr.size and np.isfinite(arr).any() else float("nan")
 
 
+def mean_ci(values: Any) -> list[float] | None:
+    """95% interval [low, high] of the mean of per-sample scores (bootstrap over samples, NaN ignored); None
+    without a finite value."""
+    arr = np.asarray(values, dtype=float)
+    return as_interval(bootstrap_interval(arr)) if np.isfinite(arr).any() else None
+
+
 def _class_names(model: nn.Module, loader: Any, class_names: Sequence[str] | None) -> list[str]:
     if class_names is not None:
         return list(class_names)
@@ -614,7 +621,11 @@ def _score_batch(model: nn.Module, batch: Any, seen: int, names: Sequence[str], 
 
 def _interpretability_summary(scores: Any, predictions: Any, classes: Sequence[str], names: Sequence[str],
                               cams: CAMSettings) -> dict[str, Any]:
-    """Accuracy over all samples; ATT-COS / CAM-COS, Pearson and energy ratio averaged over the valid ones."""
+    """Accuracy over all samples; ATT-COS / CAM-COS, Pearson and energy ratio averaged over the valid ones.
+
+    With their 95% intervals: accuracy_ci (Wilson), macro_f1_ci, att_cos_ci (of att_cos_mean: each sample's
+    mean over layers) and cam_cos_ci {method: [low, high]} (bootstrap over samples, fer_lib.metrics).
+    """
     methods = list(cams.cam_methods)
     cls = classification_metrics(predictions["label"].to_numpy(), predictions["pred"].to_numpy(), classes)
     summary: dict[str, Any] = {
@@ -625,15 +636,20 @@ def _interpretability_summary(scores: Any, predictions: Any, classes: Sequence[s
         if predictions["valid"].any() else float("nan"),
         "target": cams.target, "threshold": cams.threshold, "layers": list(names), "cam_methods": methods,
         "au_area": _nanmean(scores.drop_duplicates("sample")["au_area"]) if len(scores) else float("nan"),
-        "att_cos": {}, "cam_cos": {}, "pearson": {}, "energy_ratio": {},
+        "att_cos": {}, "cam_cos": {}, "pearson": {}, "energy_ratio": {}, "cam_cos_ci": {},
+        **classification_intervals(predictions["label"].to_numpy(), predictions["pred"].to_numpy(), len(classes)),
     }
     for kind, key in (("attention", "att_cos"), ("cam", "cam_cos")):
         for name in (names if kind == "attention" else methods):
             sel = scores[(scores["kind"] == kind) & (scores["name"] == name)]
             summary[key][name] = _nanmean(sel["cosine"])
+            if kind == "cam":
+                summary["cam_cos_ci"][name] = mean_ci(sel["cosine"])
             summary["pearson"][f"{kind}:{name}"] = _nanmean(sel["pearson"])
             summary["energy_ratio"][f"{kind}:{name}"] = _nanmean(sel["energy_ratio"])
     summary["att_cos_mean"] = _nanmean(list(summary["att_cos"].values()))
+    attention = scores[scores["kind"] == "attention"]
+    summary["att_cos_ci"] = mean_ci(attention.groupby("sample")["cosine"].mean()) if len(attention) else None
     return summary
 
 
@@ -723,19 +739,32 @@ def headline_cam_method(methods: Sequence[str]) -> str:
     return OWN_CAM if OWN_CAM in methods else list(methods)[0]
 
 
+def _with_interval(row: dict[str, Any], name: str, value: Any, ci: Sequence[float] | None, scale: float = 1.0) -> None:
+    """row[name] = value and, when the summary has its interval, row[name + " low"] / row[name + " high"]."""
+    row[name] = value
+    if ci is not None:
+        row[f"{name} low"], row[f"{name} high"] = scale * ci[0], scale * ci[1]
+
+
 def comparison_table(results: Mapping[str, InterpretabilityResult]) -> Any:
-    """Table-1 style: one row per model: CL (accuracy %), ATT-COS (mean over layers), CAM-COS per method."""
+    """Table-1 style: one row per model: CL (accuracy %), ATT-COS (mean over layers), CAM-COS per method,
+    each followed by its 95% interval ("<column> low", "<column> high") where the summary holds one."""
     import pandas as pd
 
     rows = []
     for model_name, res in results.items():
         s = res.summary
-        row: dict[str, Any] = {"model": model_name, "CL": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"],
-                               "ATT-COS": s["att_cos_mean"]}
+        cam_ci = s.get("cam_cos_ci") or {}
+        row: dict[str, Any] = {"model": model_name}
+        _with_interval(row, "CL", 100 * s["accuracy"], s.get("accuracy_ci"), 100)
+        _with_interval(row, "macro_f1", 100 * s["macro_f1"], s.get("macro_f1_ci"), 100)
+        _with_interval(row, "ATT-COS", s["att_cos_mean"], s.get("att_cos_ci"))
         if s["cam_methods"]:
-            row["CAM-COS"] = s["cam_cos"][headline_cam_method(s["cam_methods"])]
+            head = headline_cam_method(s["cam_methods"])
+            _with_interval(row, "CAM-COS", s["cam_cos"][head], cam_ci.get(head))
         row.update({f"ATT-COS {k}": v for k, v in s["att_cos"].items()} if len(s["att_cos"]) > 1 else {})
-        row.update({f"CAM-COS {k}": v for k, v in s["cam_cos"].items()})
+        for k, v in s["cam_cos"].items():
+            _with_interval(row, f"CAM-COS {k}", v, cam_ci.get(k))
         row.update({"n": s["n"], "n_valid": s["n_valid"]})
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")

@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 
 from fer_lib import data as data_mod
 from fer_lib.faces.au import EXPRESSIONS, valid_map_mask
-from fer_lib.metrics import classification_metrics, map_cosine, protocol_note, write_metrics
+from fer_lib.metrics import (as_interval, bootstrap_interval, classification_intervals, classification_metrics,
+                              map_cosine, protocol_note, write_metrics)
 from fer_lib.models import (TappedModel, build_model, check_image_size, check_pretrained, layer_attention,
                             pretrained_normalisation, resolve_layers)
 from fer_lib.models.checkpoints import load_file, to_plain
@@ -647,6 +648,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device | st
 
     ATT-COS = map_cosine(layer attention, AU map, at="image") averaged over samples with a
     valid AU map. Under DDP each rank evaluates a disjoint shard and the results are gathered.
+    95% intervals as [low, high] (None without samples): accuracy_ci (Wilson), macro_f1_ci and
+    att_cos_ci (percentile bootstrap over samples, seed 0; fer_lib.metrics).
     """
     ctx = ctx or DistContext(device=torch.device(device))
     core = unwrap(model)
@@ -697,6 +700,10 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device | st
     vals = [v for v in out["att_cos"].values() if v is not None]
     out["att_cos_mean"] = float(np.mean(vals)) if vals else None
     out["n_valid_maps"] = n_valid
+    out.update(classification_intervals(cat["label"], cat["pred"], len(core.config["class_names"])))
+    # att_cos_mean = the mean over valid samples of each sample's mean over layers: bootstrap those samples
+    per_sample = np.mean(np.stack(cat_cos), axis=0)[cat["valid"]] if n_valid and cat_cos else np.zeros(0)
+    out["att_cos_ci"] = as_interval(bootstrap_interval(per_sample)) if per_sample.size else None
     if return_predictions:
         out["predictions"] = {"pred": cat["pred"].tolist(), "label": cat["label"].tolist(),
                               "valid": cat["valid"].tolist(),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import nbformat
 import pandas as pd
 
-from fer_lib.metrics import HEADLINE_PATHS, INTERVAL_PATHS, METRICS_FILE, headline_number, metric_at
+from fer_lib.metrics import HEADLINE_PATHS, INTERVAL_PATHS, METRICS_FILE, headline_number, interval_at, metric_at
 from fer_lib.utils import ConfigError, atomic_write_json, atomic_write_text, git_revision
 from fer_lib.workflow.plan import DEFAULT_RESULTS, MARKER, read_marker
 
@@ -35,8 +35,11 @@ HEADLINE_COLUMNS = ["model", "backbone", "lambda", "layers", "accuracy", "macro_
 #: headline column -> the key of headline.json (results/<experiment>/headline.json)
 HEADLINE_JSON_KEYS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "ATT-COS": "att_cos", "CAM-COS": "cam_cos",
                       "shortcut_acc": "shortcut_accuracy", "cue_energy": "cue_energy"}
+#: metrics with a 95% interval in training runs: columns <metric>_low, <metric>_high (NaN for older runs)
+INTERVAL_METRICS = tuple(INTERVAL_PATHS["training"])
 TRAINING_COLUMNS = ["run", "backbone", "au_weight", "layers", "tapped", "seed", "accuracy", "macro_f1", "att_cos",
-                    "cam_cos", "train_time_s", "n_test"]
+                    "cam_cos", "train_time_s", "n_test",
+                    *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high"))]
 
 
 # --------------------------------------------------------------------------- summaries of one invocation
@@ -91,7 +94,8 @@ def _number(record: Mapping[str, Any] | None, path: str) -> float | None:
 
 
 def training_headline_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """One row of headline numbers from a training metrics.json (kind "training", `HEADLINE_PATHS`)."""
+    """One row of headline numbers from a training metrics.json (kind "training", `HEADLINE_PATHS`), with
+    the 95% interval of each metric of `INTERVAL_PATHS` as <metric>_low / <metric>_high (None if absent)."""
     paths = HEADLINE_PATHS["training"]
     config = metrics.get("config") or {}
     layers = config.get("layers")
@@ -104,6 +108,8 @@ def training_headline_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "seed": config.get("seed"),
         **{key: _number(metrics, paths[key]) for key in ("accuracy", "macro_f1", "att_cos", "cam_cos", "train_time_s")},
         "n_test": metric_at(metrics, paths["n_test"]),
+        **{f"{key}_{end}": (ci[i] if ci else None) for key, path in INTERVAL_PATHS["training"].items()
+           for ci in [interval_at(metrics, path)] for i, end in enumerate(("low", "high"))},
     }
 
 
@@ -133,7 +139,11 @@ def collect_training_runs(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of each metric, per backbone, tapped layers and lambda."""
+    """Mean and std over seeds of each metric, per backbone, tapped layers and lambda.
+
+    Where the runs hold 95% intervals (<metric>_low/_high; older runs do not): the mean of the runs'
+    bounds, i.e. that run's interval when a group has one run (the spread over seeds is <metric>_std).
+    """
     if runs.empty:
         raise ConfigError("no training runs to summarise (no metrics.json with config and test)")
     metrics = [m for m in ("accuracy", "macro_f1", "att_cos", "cam_cos", "train_time_s") if runs[m].notna().any()]
@@ -141,6 +151,10 @@ def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
     table = grouped.mean()
     std = grouped.std(ddof=0).add_suffix("_std")
     table = table.join(std)
+    bounds = [f"{m}_{end}" for m in metrics if m in INTERVAL_METRICS for end in ("low", "high")
+              if f"{m}_{end}" in runs and runs[f"{m}_{end}"].notna().any()]
+    if bounds:
+        table = table.join(runs.groupby(["backbone", "layers", "au_weight"], dropna=False)[bounds].mean())
     table["n_runs"] = grouped.size()
     return table.reset_index().sort_values(["backbone", "layers", "au_weight"]).reset_index(drop=True)
 
@@ -148,11 +162,9 @@ def ablation_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _interval(record: Mapping[str, Any] | None, path: str | None) -> list[float] | None:
-    """A [low, high] interval at one key path (None where absent or not two numbers)."""
-    value = metric_at(record, path) if path else None
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(headline_number(v) is not None for v in value):
-        return [float(value[0]), float(value[1])]
-    return None
+    """A [low, high] interval at one key path as a list (None where absent or not two numbers)."""
+    found = interval_at(record, path) if path else None
+    return None if found is None else list(found)
 
 
 def headline_table(baseline: Mapping[str, Any] | None, guided: Mapping[str, Any] | None,
