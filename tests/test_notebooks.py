@@ -149,3 +149,32 @@ def test_train_config_from_params_takes_the_main_jobs_pretrained_recipe():
     assert config.pretrained == "imagenet" and config.layers == ("4",)
     assert config.dataset_kwargs["n_per_class"] == {"train": 100, "val": 30, "test": 60}
     assert TrainConfig.from_params({**NB02, "pretrained": ""}).pretrained is False  # "" = no ImageNet weights
+
+def _fake_training_run(folder, au_weight, layers, seed, acc, att, intervals):
+    test = {"accuracy": acc, "macro_f1": acc - 0.05, "att_cos": {"layer4": att}, "att_cos_mean": att, "n": 70}
+    if intervals:  # runs written before intervals have none: the notebook must still work on them
+        test.update(accuracy_ci=[acc - 0.1, acc + 0.1], macro_f1_ci=[acc - 0.15, acc + 0.05],
+                    att_cos_ci=[att - 0.05, att + 0.05])
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "config": {"backbone": "resnet18", "au_weight": au_weight, "layers": layers, "seed": seed},
+        "best_epoch": 1, "test": test, "train_time_s": 10.0}))
+
+
+@pytest.mark.slow
+def test_notebook03_shows_intervals_and_reads_runs_without_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    specs = [(0, [5], 0, 0.80, 0.30, False), (0, [5], 1, 0.78, 0.32, False), (9, [5], 0, 0.82, 0.80, True),
+             (9, [5], 1, 0.84, 0.82, True), (9, [4, 5], 0, 0.81, 0.70, True)]
+    for i, spec in enumerate(specs):
+        _fake_training_run(sweep / f"r{i}", *spec)
+    out_dir = tmp_path / "out"
+    nb = run_notebook("03_ablations.ipynb", tmp_path, sweep_dir=str(sweep), output_dir=str(out_dir))
+    assert not _errors(nb)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    rows = {(r["layers"], r["au_weight"]): r for r in metrics["table"]}
+    assert rows[("5", 0.0)]["accuracy_low"] is None  # the old runs: no interval
+    guided = rows[("5", 9.0)]
+    assert guided["accuracy_low"] == pytest.approx(0.73) and guided["accuracy_high"] == pytest.approx(0.93)
+    assert guided["att_cos_low"] <= guided["att_cos"] <= guided["att_cos_high"]
+    assert (out_dir / "ablation_lambda.png").stat().st_size > 1000 and (out_dir / "ablation_layers.png").is_file()
