@@ -130,6 +130,20 @@ def test_explain_batch_and_outputs(tmp_path, face, tiny_model):
 
 
 # ----------------------------------------------------------------------------- deletion test
+def test_deletion_summary_states_the_effect_with_its_interval():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    top = rng.normal(0.3, 0.1, 60)
+    samples = pd.DataFrame({"drop_top": top, "drop_random": top - 0.2 + rng.normal(0, 0.05, 60),
+                            "drop_bottom": top - 0.25, "base_score": 0.9})
+    d = X.deletion_summary(samples)
+    low, high = d["mean_diff_top_vs_random_ci"]
+    assert low <= d["mean_diff_top_vs_random"] <= high and 0.17 < low < 0.2 < high < 0.23
+    assert d["mean_diff_top_vs_bottom_ci"] == pytest.approx([0.25, 0.25]) and d["wilcoxon_p_top_vs_random"] < 1e-6
+    assert X.deletion_summary(samples.iloc[:0])["mean_diff_top_vs_random_ci"] is None
+
+
 class RegionProbe(nn.Module):
     """TappedModel-like: its features are the image inside one fixed region; class 1's logit is their mean."""
 
@@ -227,6 +241,9 @@ def test_au_evidence_report_on_synthetic_faces(tmp_path, tiny_model):
     assert rep.summary["spearman"]["available"] and -1 <= rep.summary["spearman"]["pooled"] <= 1
     d = rep.summary["deletion"]
     assert d["n"] == 4 and all(np.isfinite(d[f"mean_drop_{k}"]) for k in X.DELETIONS)
+    low, high = d["mean_diff_top_vs_random_ci"]  # effect size with its 95% interval
+    assert low <= d["mean_diff_top_vs_random"] <= high
+    assert d["mean_diff_top_vs_random"] == pytest.approx(d["mean_drop_top"] - d["mean_drop_random"])
     assert set(rep.curves["order"]) == set(X.CURVE_ORDERS) and len(rep.examples) == 1
     paths = rep.save(tmp_path)
     assert json.loads(paths["summary"].read_text())["n_explained"] == 4

@@ -81,6 +81,7 @@ from fer_lib.faces.au import ALL_AUS, AU_NAMES, CODEBOOK, au_map
 from fer_lib.faces.landmarks import (ANCHORS, DETECT_MAX_SIDE, IMAGE_EXTENSIONS, Face, FaceFinder, ImageError,
                                      LandmarkCache, as_image_sequence, as_rgb_array, crop_to_face, detect_faces,
                                      detect_landmarks, landmark_box, load_image, read_image)
+from fer_lib.metrics import as_interval, bootstrap_interval
 from fer_lib.models import input_tensor, load_checkpoint
 from fer_lib.plots import save_figure
 from fer_lib.training.train import TrainConfig, train
@@ -805,7 +806,9 @@ def spearman_summary(evidence: Any) -> dict[str, Any]:
 
 
 def deletion_summary(samples: Any) -> dict[str, Any]:
-    """Mean drops (top / random / bottom, with standard errors), how often top beats the controls, Wilcoxon p."""
+    """Mean drops (top / random / bottom, with standard errors), how often top beats the controls, Wilcoxon p,
+    and the effect size: mean_diff_top_vs_<control> (mean of drop_top - drop_<control>) with its 95% bootstrap
+    interval mean_diff_top_vs_<control>_ci = [low, high] (None without samples)."""
     from scipy.stats import wilcoxon
 
     cols = [f"drop_{d}" for d in DELETIONS]
@@ -821,6 +824,8 @@ def deletion_summary(samples: Any) -> dict[str, Any]:
     for other in ("random", "bottom"):
         diff = (frame["drop_top"] - frame[f"drop_{other}"]).to_numpy(float)
         out[f"top_beats_{other}_rate"] = float((diff > 0).mean()) if n else float("nan")
+        out[f"mean_diff_top_vs_{other}"] = float(diff.mean()) if n else float("nan")
+        out[f"mean_diff_top_vs_{other}_ci"] = as_interval(bootstrap_interval(diff)) if n else None
         try:
             out[f"wilcoxon_p_top_vs_{other}"] = float(wilcoxon(diff, alternative="greater").pvalue) \
                 if n >= 5 and np.any(diff != 0) else float("nan")
