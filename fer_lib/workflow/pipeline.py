@@ -62,7 +62,9 @@ folder) and `seed`. Paths given to notebooks are absolute: placeholders resolve 
 paths, and relative values of parameters named checkpoint/weights or ending in
 _dir/_root/_path/_file/_checkpoint are taken relative to the repository root (relative paths
 given with --set: relative to the current directory). Notebooks run with their own folder
-(notebooks/) as working directory, as in JupyterLab, so they must not rely on it.
+(notebooks/) as working directory, as in JupyterLab, so they must not rely on it. Progress bars
+are off in the notebooks the pipeline executes (FER_LIB_PROGRESS=0, fer_lib.utils.progress_bar):
+saved outputs hold no bar text.
 
 A run is skipped when its run.json says "ok" for the same parameters and the same code
 fingerprint (a content hash of fer_lib/ and of the notebook; git_revision() is recorded for

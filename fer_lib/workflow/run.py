@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm   # tqdm.write: log lines that do not break the bar
 
 from fer_lib.training.presets import parse_assignments
 from fer_lib.utils import REPO_ROOT, ConfigError, LockHeld, UserError, atomic_write_json, atomic_write_text, \
-    check_choice, file_lock, git_revision, run_cli
+    PROGRESS_ENV, check_choice, file_lock, git_revision, progress_bar, run_cli
 from fer_lib.workflow.plan import (DEFAULT_RESULTS, MARKER, Experiment, Run, Stage, is_path_key, portable_value,
     Resolver, available_experiments, code_fingerprint, describe_experiments, is_complete, load_experiment,
     plan_experiment, read_marker)
@@ -160,9 +160,10 @@ def _execute_notebook(spec: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     error: dict[str, Any] | None = None
     try:
         kwargs = {"execution_timeout": spec["timeout_s"]} if spec.get("timeout_s") else {}
-        papermill.execute_notebook(str(notebook), str(partial), parameters=spec["parameters"],
-                                   kernel_name="python3", language="python", cwd=str(notebook.parent),
-                                   progress_bar=False, log_output=True, **kwargs)
+        with _kernel_environment({PROGRESS_ENV: "0"}):   # no progress-bar text in the saved notebook
+            papermill.execute_notebook(str(notebook), str(partial), parameters=spec["parameters"],
+                                       kernel_name="python3", language="python", cwd=str(notebook.parent),
+                                       progress_bar=False, log_output=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the notebook is recorded, not raised
         error = _error_summary(exc)
     if partial.exists():
@@ -181,6 +182,21 @@ def _execute_notebook(spec: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
                   duration_s=round(time.perf_counter() - start, 2))
     atomic_write_json(run_dir / MARKER, marker)
     return marker
+
+
+@contextlib.contextmanager
+def _kernel_environment(variables: Mapping[str, str]):
+    """Set environment variables while a notebook's kernel starts (it inherits this process's environment)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 BUSY_RUN_EXIT = 75  # the worker found the run executing elsewhere (its lock held) and did nothing
@@ -476,7 +492,7 @@ class _Session:
         if not first:
             return
         total = len(first) + sum(map(len, after_warm_up.values()))
-        bar = tqdm(total=total, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
+        bar = progress_bar(total=total, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
         pool = ThreadPoolExecutor(max_workers=min(executor.width, total))
         submit = lambda st, r: pool.submit(_launch, r, self.spec(r, fingerprints[st.name]), executor,  # noqa: E731
                                            self.opts.force)
