@@ -147,16 +147,35 @@ def git_revision(short: bool = True) -> str:
 
 def repo_relative(obj: Any) -> Any:
     """`obj` with this checkout's absolute path written relative to the repository ("results/x", not
-    "/home/me/fer/results/x"), in strings, lists and dicts: results files stay portable."""
-    root = str(REPO_ROOT) + os.sep
+    "/home/me/fer/results/x"), in strings, lists, tuples (given back as lists, as JSON writes them) and
+    dicts: results files stay portable. The root itself becomes "."; paths outside it stay as they are."""
+    root = str(REPO_ROOT)
     if isinstance(obj, (str, Path)):
         text = str(obj)
-        return text.replace(root, "") if root in text else (obj if isinstance(obj, str) else text)
-    if isinstance(obj, list):
+        if text == root:
+            return "."
+        return text.replace(root + os.sep, "") if root + os.sep in text else (obj if isinstance(obj, str) else text)
+    if isinstance(obj, (list, tuple)):
         return [repo_relative(v) for v in obj]
     if isinstance(obj, dict):
         return {k: repo_relative(v) for k, v in obj.items()}
     return obj
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """How a results file records `path`: relative to the repository root when it lies inside it
+    (whatever the current folder: "../results/x" from notebooks/ gives "results/x"), else absolute."""
+    absolute = os.path.abspath(path)
+    for candidate in (absolute, os.path.realpath(absolute)):
+        if candidate == str(REPO_ROOT) or candidate.startswith(str(REPO_ROOT) + os.sep):
+            return Path(os.path.relpath(candidate, REPO_ROOT)).as_posix()
+    return absolute
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """A recorded path made usable from any current folder: relative ones are taken from the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def run_info(config: Any = None, **extra: Any) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from fer_lib.training.runs import (DistContext, RunLockedError, all_reduce_sum, 
 from fer_lib.training.step import (NAN_POLICIES, OPTIMIZERS, SCHEDULES, AUGuidedStep, NonFiniteLossError, OptimSpec,
                                    Schedule, StepSettings, autocast, build_optimizer, build_scheduler)
 from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
-                           progress_bar, resolve_device, run_cli, run_info, seed_everything)
+                           portable_path, progress_bar, resolve_device, run_cli, run_info, seed_everything)
 
 DEVICES = ("auto", "cpu", "cuda")
 LANDMARK_MODES = ("detect", "ground_truth", "none")
@@ -544,7 +544,8 @@ def _final_evaluation(run: _Run, datasets: dict[str, Dataset], progress: _Progre
     val_set = datasets.get("val")
     best_ckpt = load_file(run.ckpt_dir / "best.pt", map_location=ctx.device, trust=config.trust_checkpoint)
     run.core.load_state_dict(best_ckpt["model_state"])
-    results: dict[str, Any] = {"run": run_info(config.to_dict()), "config": config.to_dict(),
+    recorded = {**config.to_dict(), "out_dir": portable_path(config.out_dir)}   # "results/...", from any folder
+    results: dict[str, Any] = {"run": run_info(recorded), "config": recorded,
                                "best_epoch": int(best_ckpt["epoch"]),
                                "selection": "val accuracy" if val_set else "last epoch (no val split)"}
     for split in ("val", "test"):
