@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fer_lib.utils import atomic_write_json, check_choice
+from fer_lib.utils import atomic_write_json, check_choice, repo_relative
 
 MAP_AT: tuple[str, ...] = ("image", "layer")
 
@@ -302,9 +302,10 @@ def _all_none(value: Any) -> bool:
 
 def write_metrics(output_dir: str | Path, record: Mapping[str, Any], kind: str) -> Path:
     """Write `record` as <output_dir>/metrics.json in the schema: `schema` and `kind` first, then the
-    record's sections; the headline numbers of `kind` are checked first (ValueError naming the key path)."""
+    record's sections; the headline numbers of `kind` are checked first (ValueError naming the key path).
+    Paths inside the repository are written relative to its root (utils.repo_relative): the file is portable."""
     check_metrics(record, kind)
-    body = {k: v for k, v in record.items() if k not in ("schema", "kind")}
+    body = repo_relative({k: v for k, v in record.items() if k not in ("schema", "kind")})
     return atomic_write_json(Path(output_dir) / METRICS_FILE, {"schema": METRICS_SCHEMA, "kind": kind, **body})
 
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, seeding, run provenance, choice validation.
+"""Small shared helpers: atomic writes, seeding, run provenance, choice validation, progress bars.
 
 Every module writes results through `atomic_write_*` so that a run killed mid-write
 leaves the previous file intact, and stamps results with `run_info()` so each file
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -146,16 +147,35 @@ def git_revision(short: bool = True) -> str:
 
 def repo_relative(obj: Any) -> Any:
     """`obj` with this checkout's absolute path written relative to the repository ("results/x", not
-    "/home/me/fer/results/x"), in strings, lists and dicts: results files stay portable."""
-    root = str(REPO_ROOT) + os.sep
+    "/home/me/fer/results/x"), in strings, lists, tuples (given back as lists, as JSON writes them) and
+    dicts: results files stay portable. The root itself becomes "."; paths outside it stay as they are."""
+    root = str(REPO_ROOT)
     if isinstance(obj, (str, Path)):
         text = str(obj)
-        return text.replace(root, "") if root in text else (obj if isinstance(obj, str) else text)
-    if isinstance(obj, list):
+        if text == root:
+            return "."
+        return text.replace(root + os.sep, "") if root + os.sep in text else (obj if isinstance(obj, str) else text)
+    if isinstance(obj, (list, tuple)):
         return [repo_relative(v) for v in obj]
     if isinstance(obj, dict):
         return {k: repo_relative(v) for k, v in obj.items()}
     return obj
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """How a results file records `path`: relative to the repository root when it lies inside it
+    (whatever the current folder: "../results/x" from notebooks/ gives "results/x"), else absolute."""
+    absolute = os.path.abspath(path)
+    for candidate in (absolute, os.path.realpath(absolute)):
+        if candidate == str(REPO_ROOT) or candidate.startswith(str(REPO_ROOT) + os.sep):
+            return Path(os.path.relpath(candidate, REPO_ROOT)).as_posix()
+    return absolute
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """A recorded path made usable from any current folder: relative ones are taken from the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def run_info(config: Any = None, **extra: Any) -> dict[str, Any]:
@@ -316,3 +336,52 @@ def run_cli(body: Callable[[], int], debug: bool = False, user_errors: tuple[typ
             traceback.print_exc()
         print(f"error: {error_line(exc)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------- progress bars
+
+PROGRESS_ENV = "FER_LIB_PROGRESS"   # 0: no progress bars; 1: always; unset: in JupyterLab or on a terminal
+
+
+def _in_jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill), where tqdm.auto draws widget bars."""
+    if "ipykernel.zmqshell" not in sys.modules or "IPython" not in sys.modules:
+        return False
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+    except Exception:  # noqa: BLE001 - an odd IPython: treat as no kernel
+        return False
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def progress_wanted() -> bool:
+    """Whether loops show progress bars. FER_LIB_PROGRESS=0 turns them off (the pipeline sets it for the
+    notebooks it executes, so saved notebooks hold no bar text) and =1 on; unset, bars show in a Jupyter
+    kernel (live widgets) and when stderr is a terminal, not in logs or redirected output."""
+    setting = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if _in_jupyter_kernel():
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # no stderr, or a closed one
+        return False
+
+
+def progress_bar(iterable: Iterable | None = None, **tqdm_kwargs: Any) -> Any:
+    """A tqdm bar over `iterable` (tqdm's keyword arguments; `disable=True` still turns it off): tqdm.auto's
+    (a widget in JupyterLab, text on a terminal) where `progress_wanted()`, else a silent bar. Either way
+    it iterates, updates and closes like any tqdm bar."""
+    if tqdm_kwargs.get("disable") or not progress_wanted():
+        from tqdm.std import tqdm as silent
+
+        return silent(iterable, **{**tqdm_kwargs, "disable": True})
+    from tqdm.std import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)   # without ipywidgets: text bars, not the IProgress warning
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **tqdm_kwargs)

@@ -85,7 +85,7 @@ def test_sweep_runs_then_skips_then_reruns_on_change(tmp_path: Path, square_nb: 
         assert r.run_id.startswith("x=")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["square"] == metrics["x"] ** 2 and metrics["seed"] == 5
-        assert Path(metrics["cwd"]) == square_nb.parent          # notebooks run in their own folder
+        assert Path(metrics["cwd"]) == REPO_ROOT                 # notebooks run in the repository root
         marker = json.loads((run_dir / "run.json").read_text())
         assert marker["status"] == "ok" and marker["parameters"]["x"] == metrics["x"]
         assert marker["code_fingerprint"] and "git_revision" in marker
@@ -211,13 +211,13 @@ def test_placeholder_resolution_and_run_ids(tmp_path: Path) -> None:
     base, guided = plan["train"]
     assert base.run_id.startswith("baseline-") and guided.run_id.startswith("guided-")
     assert base.parameters["epochs"] == 3 and isinstance(base.parameters["epochs"], int)
-    assert base.parameters["data_root"] == f"{REPO_ROOT}/data" and base.parameters["seed"] == 1
+    assert base.parameters["data_root"] == "data" and base.parameters["seed"] == 1   # in the repo: relative to it
     assert base.parameters["device"] == "cpu" and base.parameters["output_dir"] == str(base.run_dir)
     assert "run_name" not in base.parameters
     cmp_params = plan["cmp"][0].parameters
     assert cmp_params["baseline_checkpoint"] == f"{base.run_dir}/checkpoints/best.pt"
     assert cmp_params["sweep_dir"] == str((tmp_path / "res" / "p" / "train").resolve())
-    assert cmp_params["cache_dir"] == str(REPO_ROOT / "rel" / "cache")
+    assert cmp_params["cache_dir"] == "rel/cache"
     assert cmp_params["note"] == str((tmp_path / "res" / "p").resolve()) + "/x"
     assert cmp_params["layers"] == [3]                     # a whole "{var:...}" keeps its type
     assert plan["cmp"][0].needs_runs == [("train", base.run_id)] and plan["cmp"][0].needs_stages == ["train"]
@@ -226,6 +226,34 @@ def test_placeholder_resolution_and_run_ids(tmp_path: Path) -> None:
     other = pipeline.plan_experiment(pipeline.experiment_from_dict(data, overrides={"epochs": 4}), tmp_path / "res")
     assert other["train"][0].run_id != base.run_id and other["train"][0].run_id.startswith("baseline-")
     assert pipeline.plan_experiment(exp, tmp_path / "res")["train"][0].run_id == base.run_id
+
+
+def test_paths_inside_the_repository_reach_notebooks_relative_to_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected parameters name folders of the repository relative to its root (the kernel runs there),
+    others absolute; the plan is the same from any working directory and run ids keep their hashes."""
+    nb = tmp_path / "nb.ipynb"
+    data = {"experiment": {"name": "p", "seed": 1},
+            "stage": [{"name": "train", "notebook": str(nb),
+                       "parameters": {"data_root": "{repo}/data", "cache_dir": "rel/cache",
+                                      "weights": str(tmp_path / "w.pt")}},
+                      {"name": "cmp", "notebook": str(nb),
+                       "parameters": {"baseline_checkpoint": "{run:train}/run/checkpoints/best.pt",
+                                      "sweep_dir": "{stage:train}", "note": "{results}/x"}}]}
+    exp = pipeline.experiment_from_dict(data)
+    inside = pipeline.plan_experiment(exp, REPO_ROOT / "results")
+    train, cmp_ = inside["train"][0], inside["cmp"][0]
+    assert train.run_dir == REPO_ROOT / "results" / "p" / "train" / train.run_id      # absolute, for use
+    assert train.parameters["output_dir"] == f"results/p/train/{train.run_id}"       # relative, injected
+    assert train.parameters["data_root"] == "data" and train.parameters["cache_dir"] == "rel/cache"
+    assert train.parameters["weights"] == str(tmp_path / "w.pt")                     # outside: absolute
+    assert cmp_.parameters["baseline_checkpoint"] == f"results/p/train/{train.run_id}/run/checkpoints/best.pt"
+    assert cmp_.parameters["sweep_dir"] == "results/p/train" and cmp_.parameters["note"] == "results/p/x"
+    assert str(REPO_ROOT) not in json.dumps([r.parameters for runs in inside.values() for r in runs])
+    assert train.portable["data_root"] == "{repo}/data"       # the hash reads the checkout-free form, as before
+    monkeypatch.chdir(tmp_path)
+    again = pipeline.plan_experiment(exp, os.path.relpath(REPO_ROOT / "results"))
+    assert again["train"][0].run_id == train.run_id and again["cmp"][0].parameters == cmp_.parameters
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -263,6 +291,11 @@ def test_presets_parse_and_plan(tmp_path: Path) -> None:
         assert sum(len(runs) for runs in plan.values()) >= 1
         for stage in exp.stages:
             assert stage.notebook.parent == REPO_ROOT / "notebooks", stage.notebook
+        in_repo = pipeline.plan_experiment(exp)          # results/: what the notebooks and run.json get
+        injected = json.dumps([r.parameters for runs in in_repo.values() for r in runs])
+        assert str(REPO_ROOT) not in injected, name
+        assert all(r.parameters["output_dir"] == r.run_dir.relative_to(REPO_ROOT).as_posix()
+                   and r.run_dir.is_relative_to(REPO_ROOT / "results") for runs in in_repo.values() for r in runs)
     paper = pipeline.load_experiment("paper", {"data_root": "/data/raf"})
     train = pipeline.plan_experiment(paper, tmp_path)["train"]
     guided = [r for r in train if r.parameters.get("au_weight") == 9]
@@ -535,6 +568,56 @@ def test_a_run_is_never_executed_twice_at_once(tmp_path: Path) -> None:
         marker = run_mod.execute_run({"run_dir": str(run_dir)})
     assert marker["status"] == "busy" and "the first executor" in marker["error"]["message"]
     assert not (run_dir / "run.json").exists()  # the running execution's files are left alone
+
+
+@pytest.mark.slow
+def test_executed_notebook_is_clean_and_portable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run through the runner's papermill call (in this process, in a stand-in checkout): the kernel
+    works in the repository root with output_dir relative to it; the saved notebook, run.json and
+    metrics hold no absolute checkout path, no progress-bar text and no tqdm IProgress warning."""
+    from fer_lib import utils
+    from fer_lib.workflow import run as run_mod
+
+    root = tmp_path / "checkout"                     # stands for the repository root
+    for module in (utils, plan, run_mod):
+        monkeypatch.setattr(module, "REPO_ROOT", root)
+    monkeypatch.delenv(utils.PROGRESS_ENV, raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    (root / "notebooks").mkdir(parents=True)
+    make_notebook(root / "notebooks" / "bars.ipynb", "output_dir = '.'\nseed = 0\ndata_root = ''\n", """
+        import json, os, pathlib, warnings
+        warnings.simplefilter("always")
+        from tqdm.auto import tqdm                   # as libraries do: no IProgress warning
+        from fer_lib.utils import progress_bar
+        for _ in progress_bar(range(200), desc="loop"):
+            pass
+        bar = progress_bar(total=3, desc="manual")
+        bar.update(3)
+        bar.close()
+        out = pathlib.Path(output_dir)
+        (out / "metrics.json").write_text(json.dumps({"cwd": os.getcwd(), "output_dir": output_dir,
+                                                      "data_root": data_root}))
+        print("wrote", out / "metrics.json")
+    """)
+    exp = pipeline.experiment_from_dict({"experiment": {"name": "clean", "seed": 0}, "stage": [
+        {"name": "bars", "notebook": "notebooks/bars.ipynb", "parameters": {"data_root": "data/faces"}}]})
+    run = pipeline.plan_experiment(exp, root / "results")["bars"][0]
+    spec = {"experiment": "clean", "stage": run.stage, "run_id": run.run_id, "run_name": None,
+            "config_hash": run.config_hash, "code_fingerprint": "x", "git_revision": "x",
+            "notebook": str(run.notebook), "run_dir": str(run.run_dir), "parameters": run.parameters,
+            "portable": run.portable, "timeout_s": 120, "require_metrics": True}
+    marker = run_mod.execute_run(spec)
+    assert marker["status"] == "ok", marker.get("error")
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics == {"cwd": str(root), "output_dir": f"results/clean/bars/{run.run_id}", "data_root": "data/faces"}
+    executed = (run.run_dir / "bars.ipynb").read_text()
+    stored = executed + (run.run_dir / "run.json").read_text()
+    assert str(root) not in stored and str(tmp_path) not in stored
+    outputs = json.dumps([c.get("outputs", []) for c in nbformat.reads(executed, as_version=4).cells])
+    assert f"wrote results/clean/bars/{run.run_id}/metrics.json" in outputs
+    for noise in ("it/s", "s/it", "100%", "TqdmWarning", "IProgress", "widget-view"):
+        assert noise not in outputs, noise
+    assert utils.PROGRESS_ENV not in os.environ          # set for the kernel only
 
 
 @pytest.mark.slow

@@ -72,7 +72,6 @@ import torch
 from torch import nn
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fer_lib.analysis.interpret import (CAM_METHODS, compute_cams, layer_attention_maps, minmax_scale, subset_indices,
                                         tapped_layers)
@@ -86,7 +85,7 @@ from fer_lib.models import input_tensor, load_checkpoint
 from fer_lib.plots import save_figure
 from fer_lib.training.train import TrainConfig, train
 from fer_lib.utils import (ConfigError, atomic_write_bytes, atomic_write_csv, atomic_write_json, check_choice,
-                           config_hash, resolve_device, run_cli, run_info)
+                           config_hash, progress_bar, resolve_device, run_cli, run_info)
 
 #: the map name for the layer attention (mean over channels of a tapped stage)
 ATTENTION = "attention"
@@ -535,7 +534,7 @@ def _find_faces(images: list[Any], settings: ExplainSettings, detector: Any, cac
         return photos
     finder = detector or FaceFinder()
     try:
-        for i, item in enumerate(tqdm(images, desc="faces", disable=not settings.progress)):
+        for i, item in enumerate(progress_bar(images, desc="faces", disable=not settings.progress)):
             try:
                 rgb, faces, notes = _photo_faces(item, settings.max_faces, finder, cache)
                 photos.append((results_source(item, i), rgb, faces, notes,
@@ -607,7 +606,7 @@ def explain_images(model: nn.Module, images: Any, settings: ExplainSettings | No
     model = model.to(dev).eval()
     results, ready = _face_inputs(model, photos, settings.crop_margin)
     chunks = [ready[s:s + batch_size] for s in range(0, len(ready), batch_size)]
-    for chunk in tqdm(chunks, desc="explain", disable=not settings.progress or not chunks, leave=False):
+    for chunk in progress_bar(chunks, desc="explain", disable=not settings.progress or not chunks, leave=False):
         idx = [c[0] for c in chunk]
         evs = explain_batch(model, torch.stack([c[3] for c in chunk]), np.stack([c[2] for c in chunk]), settings,
                             rgb=np.stack([c[1] for c in chunk]), sources=[results[i].source for i in idx],
@@ -944,7 +943,7 @@ def au_evidence_report(model: nn.Module, dataset: Any, settings: ExplainSettings
     skipped: list[tuple[int, str]] = []
     examples: list[AUEvidence] = []
     chunks = [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
-    for chunk in tqdm(chunks, desc="AU evidence", disable=not settings.progress, leave=False):
+    for chunk in progress_bar(chunks, desc="AU evidence", disable=not settings.progress, leave=False):
         items = _report_items(dataset, chunk, mean, std, skipped)
         if not items:
             continue
@@ -1488,7 +1487,7 @@ def explain_batch_files(args: argparse.Namespace) -> int:
         print(f"resuming: {resumed} of {len(photos)} photo(s) already done (see {journal_path}; --restart redoes them)")
     timings = {"landmarks": 0.0, "model": 0.0, "explanation": 0.0, "writing": 0.0}
     wall = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="photos", unit="photo", disable=args.no_progress)
+    bar = progress_bar(total=len(todo), desc="photos", unit="photo", disable=args.no_progress)
     for start in range(0, len(todo), args.batch_size):
         group = todo[start:start + args.batch_size]
         journal.record(_explain_group(model, group, settings, args, stems, timings))

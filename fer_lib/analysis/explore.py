@@ -8,8 +8,8 @@ probabilities, the AU map of the predicted class (MediaPipe landmarks, face crop
 the layer attention of each tapped layer and a chosen CAM, with ATT-COS / CAM-COS of this
 image in the titles; `result` holds the numbers and maps. `explore_sample` does the same for
 a dataset item (its own landmarks, true label shown) and `sample_slider` flips through the
-test samples with an ipywidgets slider where ipywidgets is installed (it is optional: not a
-dependency of the project).
+test samples with an ipywidgets slider (ipywidgets is a dependency of the project; the slider
+still says what to do where it is missing).
 
 Nothing is re-implemented here: checkpoints load through `fer_lib.models.load_checkpoint`,
 maps come from `fer_lib.analysis.interpret` (`layer_attention_maps`, `compute_cams`), AU maps from
@@ -487,7 +487,7 @@ def explore_sample(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: A
 
 
 def ipywidgets_available() -> bool:
-    """True where ipywidgets can be imported (it is optional: not a dependency of this project)."""
+    """True where ipywidgets can be imported (a dependency of the project, but a bare environment may lack it)."""
     try:
         import ipywidgets  # noqa: F401
     except ImportError:
@@ -504,7 +504,7 @@ def sample_slider(checkpoint: str | os.PathLike | nn.Module | tuple, dataset: An
     training config (fer_lib.analysis.interpret.checkpoint_dataset).
     """
     if not ipywidgets_available():
-        raise ConfigError("sample_slider needs ipywidgets, which is not installed (it is optional); "
+        raise ConfigError("sample_slider needs ipywidgets, which is not installed; "
                           "install it (pip install ipywidgets) or call explore_sample(checkpoint, dataset, i)")
     import ipywidgets as widgets
     import matplotlib.pyplot as plt

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fer_lib.data import build_datasets
 from fer_lib.faces.au import CODEBOOK, EXPRESSIONS
@@ -53,7 +52,7 @@ from fer_lib.models import resolve_layers as _resolve_model_layers
 from fer_lib.models.checkpoints import read_checkpoint
 from fer_lib.plots import save_figure
 from fer_lib.utils import (ConfigError, atomic_write_csv, atomic_write_json, check_choice, check_number, resolve_device,
-                           run_info)
+                           progress_bar, run_info)
 
 # pytorch-grad-cam is the engine of every gradient/activation CAM
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
@@ -553,7 +552,7 @@ def _class_names(model: nn.Module, loader: Any, class_names: Sequence[str] | Non
 
 
 def _tqdm(iterable: Iterable, progress: bool, desc: str, total: int | None = None) -> Iterable:
-    return tqdm(iterable, desc=desc, total=total, leave=False) if progress else iterable
+    return progress_bar(iterable, desc=desc, total=total, leave=False) if progress else iterable
 
 
 def _contract_batch(batch: Any) -> tuple[Any, Any, Any, Any]:

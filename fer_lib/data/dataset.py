@@ -24,7 +24,7 @@ from fer_lib.faces.au import CODEBOOK, combine_aus, combine_aus_at, reference_he
 from fer_lib.faces.landmarks import (ANCHOR_INDEX, ANCHORS, ImageError, LandmarkCache, MediaPipeFaceMesh, as_rgb_array,
                          DLIB68_MIRROR, FaceLandmarks, detect_landmarks, dlib68_points, flip_anchors,
                          get_scheme, load_image, photo_size)
-from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice
+from fer_lib.utils import REPO_ROOT, ConfigError, atomic_write_csv, atomic_write_json, check_choice, progress_bar
 from fer_lib.data import loaders
 from fer_lib.data.loaders import DatasetIndex, Record
 from fer_lib.data.synthetic import SyntheticConfig, build_synthetic, load_truth, oracle_accuracy
@@ -214,10 +214,8 @@ class FERDataset:
 def validate_records(records: Sequence[Record], progress: bool = True, desc: str = "checking images"
                      ) -> tuple[list[Record], list[tuple[str, str]]]:
     """Decode every image once; return (readable records, [(path, reason)] of the others)."""
-    from tqdm.auto import tqdm
-
     good, bad = [], []
-    for r in tqdm(records, desc=desc, disable=not progress):
+    for r in progress_bar(records, desc=desc, disable=not progress):
         try:
             if r.image is not None:
                 as_rgb_array(r.image)

@@ -54,7 +54,7 @@ from fer_lib.faces.au import ALL_AUS, CODEBOOK, EXPRESSIONS, combine_aus
 from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_AUS, COMPOUND_PARTS
 from fer_lib.faces.landmarks import ANCHOR_INDEX, ANCHORS
 from fer_lib.utils import (REPO_ROOT, ConfigError, atomic_path, atomic_save_npz, atomic_write_csv, atomic_write_json,
-                           check_choice, config_hash, file_lock)
+                           check_choice, config_hash, file_lock, progress_bar)
 
 WORK_SIZE = 192  # drawing resolution: MediaPipe FaceMesh detects these faces reliably here
 SPLITS = ("train", "val", "test")
@@ -690,7 +690,6 @@ def build_synthetic(config: SyntheticConfig | None = None, root: str | os.PathLi
 
 def _build_locked(cfg: SyntheticConfig, root: Path, progress: bool, overwrite: bool) -> Path:
     import pandas as pd
-    from tqdm.auto import tqdm
 
     if is_complete(root) and not overwrite:
         stored = json.loads((root / CONFIG_FILE).read_text())
@@ -704,7 +703,7 @@ def _build_locked(cfg: SyntheticConfig, root: Path, progress: bool, overwrite: b
         jobs = [(split, e, i) for split, n in cfg.n_per_class.items() for e in cfg.expressions for i in range(n)]
         rows, anchors, intens, labels, spur = [], [], [], [], []
         t0 = time.perf_counter()
-        for split, e, i in tqdm(jobs, desc="synthetic faces", disable=not progress):
+        for split, e, i in progress_bar(jobs, desc="synthetic faces", disable=not progress):
             s = generate_sample(e, cfg.seed, split, i, cfg)
             rel = f"{split}/{e}/{split}_{e}_{i:05d}.png"
             (tmp / split / e).mkdir(parents=True, exist_ok=True)

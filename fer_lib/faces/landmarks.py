@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fer_lib.utils import UserError, atomic_write_bytes, atomic_write_json, sha256_bytes
+from fer_lib.utils import UserError, atomic_write_bytes, atomic_write_json, progress_bar, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -928,8 +928,6 @@ def detect_landmarks(
     Never raises for a bad item: unreadable images and faces that are not found become
     records with `landmarks=None` and a reason; counts go into `stats`.
     """
-    from tqdm.auto import tqdm
-
     images = as_image_sequence(images)
     detector = detector or MediaPipeFaceMesh()
     if cache is not None and not isinstance(cache, LandmarkCache):
@@ -938,7 +936,7 @@ def detect_landmarks(
     stats = {"total": 0, "found": 0, "no_face": 0, "unreadable": 0, "cache_hits": 0}
     if total is None and hasattr(images, "__len__"):
         total = len(images)  # type: ignore[arg-type]
-    for item in tqdm(images, total=total, desc=desc, disable=not progress):
+    for item in progress_bar(images, total=total, desc=desc, disable=not progress):
         stats["total"] += 1
         source = str(item) if isinstance(item, (str, os.PathLike)) else f"array#{stats['total'] - 1}"
         try:

@@ -76,7 +76,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fer_lib.analysis.interpret import compute_cams
 from fer_lib.data import build_datasets
@@ -89,7 +88,8 @@ from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.training.step import (OPTIMIZERS, AUGuidedStep, OptimSpec, Schedule, StepSettings, autocast,
                                    build_optimizer)
 from fer_lib.training.train import evaluate
-from fer_lib.utils import ConfigError, check_choice, check_number, config_hash, resolve_device, seed_everything
+from fer_lib.utils import (ConfigError, check_choice, check_number, config_hash, progress_bar, resolve_device,
+                           seed_everything)
 
 #: method name -> (memory selection, distillation)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -243,7 +243,7 @@ def tensor_split(dataset: Any, progress: bool = True, desc: str = "tensors") -> 
     if hasattr(dataset, "augment"):
         dataset.augment = False
     try:
-        items = [dataset[i] for i in tqdm(range(len(dataset)), desc=desc, disable=not progress, leave=False)]
+        items = [dataset[i] for i in progress_bar(range(len(dataset)), desc=desc, disable=not progress, leave=False)]
     finally:
         if hasattr(dataset, "augment"):
             dataset.augment = was
@@ -633,7 +633,7 @@ def train_task(model: TappedModel, split: TensorSplit, indices: np.ndarray, conf
             p.requires_grad_(False)
     model.train()
     sums = {"loss": 0.0, "ce": 0.0, "au": 0.0, "kd": 0.0, "fkd": 0.0, "correct": 0.0, "n": 0.0}
-    bar = tqdm(total=total, desc=task.desc, leave=False, disable=not task.progress)
+    bar = progress_bar(total=total, desc=task.desc, leave=False, disable=not task.progress)
     idx_all = torch.as_tensor(np.asarray(indices, dtype=np.int64))
     for epoch in range(task.epochs):
         perm = idx_all[torch.randperm(n, generator=gen)]
@@ -1001,7 +1001,7 @@ def split_features(model: TappedModel, split: TensorSplit, device: torch.device 
     was = model.training
     model.eval()
     out = []
-    for s in tqdm(range(0, len(split), batch_size), desc="features", leave=False, disable=not progress):
+    for s in progress_bar(range(0, len(split), batch_size), desc="features", leave=False, disable=not progress):
         out.append(embed(model, split.images[s:s + batch_size].to(device)).float().cpu().numpy())
     model.train(was)
     return np.concatenate(out)
@@ -1052,7 +1052,7 @@ def few_shot(model: TappedModel, data: Mapping[str, TensorSplit], new_classes: S
                            "n_episodes": n_episodes, "include_base": include_base, "results": {}}
     for k in k_shots:
         accs: dict[str, dict[str, list[float]]] = {c: {"new": [], "base": [], "all": []} for c in classifiers}
-        for e in tqdm(range(n_episodes), desc=f"{k}-shot episodes", leave=False, disable=not progress):
+        for e in progress_bar(range(n_episodes), desc=f"{k}-shot episodes", leave=False, disable=not progress):
             s_idx, q_idx = sample_episode(ytr, yte, new_ids, k, n_query, rng)
             sup_x, sup_y = ftr[s_idx], ytr[s_idx]
             q_x, q_y = fte[q_idx], yte[q_idx]

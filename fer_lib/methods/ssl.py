@@ -61,7 +61,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from fer_lib.data import build_datasets
 from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
@@ -73,7 +72,7 @@ from fer_lib.plots import save_figure
 from fer_lib.training.step import OptimSpec, Schedule, TrainStep, build_optimizer
 from fer_lib.training.train import TrainConfig, train
 from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
-                           config_hash, resolve_device, run_info, seed_everything)
+                           config_hash, progress_bar, resolve_device, run_info, seed_everything)
 
 OBJECTIVES: tuple[str, ...] = ("infonce", "margin", "byol")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -224,7 +223,7 @@ class UnlabelledImages(Dataset):
         records = getattr(dataset, "records", None) or []
         images, anchors, labels, skipped = [], [], [], []
         nan = np.full((len(ANCHORS), 2), np.nan, np.float32)
-        for i in tqdm(order, desc="collecting images", disable=not progress):
+        for i in progress_bar(order, desc="collecting images", disable=not progress):
             i = int(i)
             try:
                 if hasattr(dataset, "sample"):
@@ -263,7 +262,7 @@ class UnlabelledImages(Dataset):
         from PIL import Image
 
         images, kept, skipped = [], [], []
-        for j, p in enumerate(tqdm(paths, desc="reading images", disable=not progress)):
+        for j, p in enumerate(progress_bar(paths, desc="reading images", disable=not progress)):
             try:
                 rgb = load_image(p)
             except ImageError as exc:
@@ -582,7 +581,8 @@ def _pretrain_epoch(loop: _Pretraining, epoch: int, progress: bool) -> dict[str,
     perm = torch.randperm(len(data), generator=loop.generator)
     sums: dict[str, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(range(loop.steps_per_epoch), desc=f"contrawarping epoch {epoch}", disable=not progress, leave=False)
+    bar = progress_bar(range(loop.steps_per_epoch), desc=f"contrawarping epoch {epoch}", disable=not progress,
+                       leave=False)
     for s in bar:
         idx = perm[s * bs:(s + 1) * bs]
         x = data.images[idx].to(loop.device).float().div_(255.0)
@@ -638,7 +638,7 @@ def extract_features(net: nn.Module, dataset: Any, batch_size: int = 128, device
     net.eval().to(device)
     feats, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         x, y = batch[0], batch[1]
         feats.append(pooled_features(net, x.to(device)).float().cpu().numpy())
         labels.append(np.asarray(y, np.int64))

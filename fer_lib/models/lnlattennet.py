@@ -452,7 +452,8 @@ def collect_region_weights(model: LNLAttenNet, dataset: Any, batch_size: int = 6
     """
     import numpy as np
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+
+    from fer_lib.utils import progress_bar
 
 
     if not isinstance(model, LNLAttenNet):
@@ -462,7 +463,8 @@ def collect_region_weights(model: LNLAttenNet, dataset: Any, batch_size: int = 6
     model.eval().to(device)
     out: dict[str, list] = {"weights": [], "au_grid": [], "labels": [], "valid": [], "pred": []}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, labels, au_maps, has_lm in tqdm(loader, desc="region weights", leave=False, disable=not progress):
+    for images, labels, au_maps, has_lm in progress_bar(loader, desc="region weights", leave=False,
+                                                        disable=not progress):
         d = model.forward_details(images.to(device))
         out["weights"].append(d["weights"].flatten(1).float().cpu())
         out["pred"].append(d["logits"].argmax(1).cpu())

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from fer_lib.models.checkpoints import plain_rng_state, restore_rng_state
-from fer_lib.utils import ConfigError, LockHeld, UserError, atomic_write_json, file_lock, resolve_device
+from fer_lib.utils import (ConfigError, LockHeld, UserError, atomic_write_json, file_lock, portable_path,
+                           repo_relative, resolve_device)
 
 LOCK_NAME = ".lock"
 
@@ -76,15 +77,16 @@ def check_run_identity(out_dir: Path, config: Any, ignored: Sequence[str] = ()) 
     """Refuse an out_dir holding a run with another config; record ours in config.json.
 
     `config` has `identity()` (the fields that define the run) and `to_dict()`; `ignored` are
-    the fields that do not change results."""
+    the fields that do not change results. Paths are recorded and compared relative to the
+    repository root where they lie inside it (utils.repo_relative), so moving the checkout changes nothing."""
     path = Path(out_dir) / "config.json"
-    ours = config.identity()
+    ours = repo_relative(config.identity())
     if path.exists():
         try:
             theirs = json.loads(path.read_text())
         except ValueError as exc:
             raise ConfigError(f"{path} is unreadable ({exc}); choose another out_dir") from exc
-        theirs = {k: v for k, v in theirs.items() if k not in ignored}
+        theirs = {k: v for k, v in repo_relative(theirs).items() if k not in ignored}
         if theirs != ours:
             diffs = [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
                      if theirs.get(k) != ours.get(k)]
@@ -92,7 +94,10 @@ def check_run_identity(out_dir: Path, config: Any, ignored: Sequence[str] = ()) 
                 f"{out_dir} holds a run with a different config ({'; '.join(diffs)}); a run never overwrites "
                 f"another run's results: choose another out_dir")
     else:
-        atomic_write_json(path, config.to_dict())
+        record = config.to_dict()
+        if "out_dir" in record:
+            record["out_dir"] = portable_path(out_dir)
+        atomic_write_json(path, repo_relative(record))
 
 
 # --------------------------------------------------------------------------- random state

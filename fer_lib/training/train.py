@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from fer_lib import data as data_mod
 from fer_lib.faces.au import EXPRESSIONS, valid_map_mask
@@ -61,7 +60,7 @@ from fer_lib.training.runs import (DistContext, RunLockedError, all_reduce_sum, 
 from fer_lib.training.step import (NAN_POLICIES, OPTIMIZERS, SCHEDULES, AUGuidedStep, NonFiniteLossError, OptimSpec,
                                    Schedule, StepSettings, autocast, build_optimizer, build_scheduler)
 from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
-                           resolve_device, run_cli, run_info, seed_everything)
+                           portable_path, progress_bar, resolve_device, run_cli, run_info, seed_everything)
 
 DEVICES = ("auto", "cpu", "cuda")
 LANDMARK_MODES = ("detect", "ground_truth", "none")
@@ -500,7 +499,7 @@ def _train_one_epoch(run: _Run, loader: DataLoader, epoch: int) -> dict[str, Any
     sums = np.zeros(6)  # n, loss*n, ce*n, au*n, correct, skipped
     cos = np.zeros(len(tap_names) + 1)  # per layer: sum of ATT-COS over valid maps; last: their count
     steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not ctx.is_main)
+    bar = progress_bar(loader, total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not ctx.is_main)
     for i, (images, labels, au_maps, has_lm) in enumerate(bar):
         if i >= steps:
             break
@@ -551,7 +550,8 @@ def _final_evaluation(run: _Run, datasets: dict[str, Dataset], progress: _Progre
     val_set = datasets.get("val")
     best_ckpt = load_file(run.ckpt_dir / "best.pt", map_location=ctx.device, trust=config.trust_checkpoint)
     run.core.load_state_dict(best_ckpt["model_state"])
-    results: dict[str, Any] = {"run": run_info(config.to_dict()), "config": config.to_dict(),
+    recorded = {**config.to_dict(), "out_dir": portable_path(config.out_dir)}   # "results/...", from any folder
+    results: dict[str, Any] = {"run": run_info(recorded), "config": recorded,
                                "best_epoch": int(best_ckpt["epoch"]),
                                "selection": "val accuracy" if val_set else "last epoch (no val split)"}
     for split in ("val", "test"):
@@ -660,7 +660,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, device: torch.device | st
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     preds, labels, ces, valids = [], [], [], []
     cos: list[list[np.ndarray]] = [[] for _ in core.tap_names]
-    for images, y, au, has_lm in tqdm(loader, desc=desc, leave=False, disable=not ctx.is_main):
+    for images, y, au, has_lm in progress_bar(loader, desc=desc, leave=False, disable=not ctx.is_main):
         images = images.to(device, non_blocking=True)
         if device.type == "cuda" and core.config.get("channels_last"):
             images = images.contiguous(memory_format=torch.channels_last)

@@ -58,11 +58,13 @@ results folder), `{var:NAME}`, `{stage:NAME}` (an earlier stage's folder, e.g. a
 aggregate), `{run:STAGE/NAME}` (one run folder of an earlier stage, by run_name or run-id
 prefix; `{run:STAGE}` when that stage has a single run). A string that is exactly
 `{var:NAME}` keeps the variable's type. Every notebook also receives `output_dir` (its run
-folder) and `seed`. Paths given to notebooks are absolute: placeholders resolve to absolute
-paths, and relative values of parameters named checkpoint/weights or ending in
-_dir/_root/_path/_file/_checkpoint are taken relative to the repository root (relative paths
-given with --set: relative to the current directory). Notebooks run with their own folder
-(notebooks/) as working directory, as in JupyterLab, so they must not rely on it.
+folder) and `seed`. Relative values of parameters named checkpoint/weights or ending in
+_dir/_root/_path/_file/_checkpoint are taken from the repository root (relative paths given
+with --set: from the current directory). Notebooks run with the repository root as working
+directory, and every path inside the repository reaches them (and run.json) relative to it
+("results/main/train/..."), paths outside it absolute: the executed notebooks and results files
+hold no machine's folder and work from any checkout. Progress bars are off in the notebooks the
+pipeline executes (FER_LIB_PROGRESS=0, fer_lib.utils.progress_bar): saved outputs hold no bar text.
 
 A run is skipped when its run.json says "ok" for the same parameters and the same code
 fingerprint (a content hash of fer_lib/ and of the notebook; git_revision() is recorded for

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import nbformat
 
 from fer_lib.training.presets import parse_assignments, parse_value
-from fer_lib.utils import REPO_ROOT, ConfigError, config_hash
+from fer_lib.utils import REPO_ROOT, ConfigError, config_hash, repo_relative
 
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 DEFAULT_RESULTS = REPO_ROOT / "results"
@@ -227,7 +227,8 @@ class Run:
     run_name: str | None
     notebook: Path
     run_dir: Path
-    parameters: dict[str, Any]           # resolved, absolute paths, incl. output_dir and seed
+    parameters: dict[str, Any]           # as injected, incl. output_dir and seed; paths in the repo relative to
+                                         # its root (the kernel runs there), others absolute
     portable: dict[str, Any]             # parameters with the repo root written as {repo} (hashed)
     config_hash: str
     needs_runs: list[tuple[str, str]] = field(default_factory=list)   # (stage, run_id)
@@ -246,7 +247,7 @@ class Run:
 
 
 def is_path_key(key: str) -> bool:
-    """Parameters whose relative values are paths (made absolute before reaching a notebook)."""
+    """Parameters whose relative values are paths, taken from the repository root (not the current folder)."""
     return key in ("checkpoint", "weights") or key.endswith(PATH_SUFFIXES)
 
 
@@ -426,7 +427,7 @@ def plan_experiment(experiment: Experiment, results_root: str | os.PathLike = DE
                 raise ConfigError(f"stage {stage.name!r}: two configurations have identical parameters "
                                   f"({run_id}); remove the duplicate")
             run_dir = exp_dir / stage.output / run_id
-            params["output_dir"] = str(run_dir)
+            params = repo_relative({**params, "output_dir": str(run_dir)})   # what the notebook and run.json see
             runs.append(Run(stage=stage.name, run_id=run_id, run_name=run_name, notebook=stage.notebook,
                             run_dir=run_dir, parameters=params, portable=portable, config_hash=chash,
                             needs_runs=resolver.needs_runs, needs_stages=resolver.needs_stages,

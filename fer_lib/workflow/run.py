@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm   # tqdm.write: log lines that do not break the bar
 
 from fer_lib.training.presets import parse_assignments
 from fer_lib.utils import REPO_ROOT, ConfigError, LockHeld, UserError, atomic_write_json, atomic_write_text, \
-    check_choice, file_lock, git_revision, run_cli
+    PROGRESS_ENV, check_choice, file_lock, git_revision, portable_path, progress_bar, repo_relative, run_cli
 from fer_lib.workflow.plan import (DEFAULT_RESULTS, MARKER, Experiment, Run, Stage, is_path_key, portable_value,
     Resolver, available_experiments, code_fingerprint, describe_experiments, is_complete, load_experiment,
     plan_experiment, read_marker)
@@ -155,19 +155,20 @@ def _execute_notebook(spec: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
                   portable_parameters=spec["portable"], host=socket.gethostname(), pid=os.getpid(),
                   threads=os.environ.get("OMP_NUM_THREADS"), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                   started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    atomic_write_json(run_dir / MARKER, marker)
+    atomic_write_json(run_dir / MARKER, repo_relative(marker))
     start = time.perf_counter()
     error: dict[str, Any] | None = None
     try:
         kwargs = {"execution_timeout": spec["timeout_s"]} if spec.get("timeout_s") else {}
-        papermill.execute_notebook(str(notebook), str(partial), parameters=spec["parameters"],
-                                   kernel_name="python3", language="python", cwd=str(notebook.parent),
-                                   progress_bar=False, log_output=True, **kwargs)
+        with _kernel_environment({PROGRESS_ENV: "0"}):   # no progress-bar text in the saved notebook
+            papermill.execute_notebook(str(notebook), str(partial), parameters=spec["parameters"],
+                                       kernel_name="python3", language="python", cwd=str(REPO_ROOT),
+                                       progress_bar=False, log_output=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the notebook is recorded, not raised
         error = _error_summary(exc)
     if partial.exists():
         nb = nbformat.read(partial, as_version=4)
-        nb.metadata.setdefault("papermill", {})["output_path"] = str(final)
+        nb.metadata.setdefault("papermill", {})["output_path"] = portable_path(final)
         nb.metadata["papermill"]["input_path"] = rel_notebook
         atomic_write_text(final, nbformat.writes(nb))
         partial.unlink()
@@ -179,8 +180,23 @@ def _execute_notebook(spec: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     marker.update(status="failed" if error else "ok", error=error,
                   finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   duration_s=round(time.perf_counter() - start, 2))
-    atomic_write_json(run_dir / MARKER, marker)
+    atomic_write_json(run_dir / MARKER, repo_relative(marker))
     return marker
+
+
+@contextlib.contextmanager
+def _kernel_environment(variables: Mapping[str, str]):
+    """Set environment variables while a notebook's kernel starts (it inherits this process's environment)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 BUSY_RUN_EXIT = 75  # the worker found the run executing elsewhere (its lock held) and did nothing
@@ -208,8 +224,10 @@ class RunResult:
     run_dir: str = ""
 
     def as_row(self) -> dict[str, Any]:
+        """The summary.csv/json row (folders inside the repository relative to its root)."""
         return {"stage": self.stage, "run_id": self.run_id, "status": self.status,
-                "duration_s": round(self.duration_s, 1), "error": self.error, "run_dir": self.run_dir}
+                "duration_s": round(self.duration_s, 1), "error": repo_relative(self.error),
+                "run_dir": repo_relative(self.run_dir)}
 
 
 
@@ -259,10 +277,10 @@ def _launch(run: Run, spec: dict[str, Any], execute: Callable[[Run, dict[str, An
         return RunResult(run.stage, run.run_id, "ok", time.perf_counter() - start, "", str(run.run_dir))
     err = marker.get("error") or {}
     message = f"{err.get('type', 'WorkerError')}: {err.get('message', '')}".strip() if err else \
-        f"worker exited with code {returncode} (see {run.run_dir / 'run.log'})"
+        f"worker exited with code {returncode} (see {portable_path(run.run_dir / 'run.log')})"
     if status != "failed":
         marker.update(status="failed", error={"type": "WorkerError", "message": message})
-        atomic_write_json(run.run_dir / MARKER, marker)
+        atomic_write_json(run.run_dir / MARKER, repo_relative(marker))
     short = message.splitlines()[0][:300] if message else ""
     if superseded.exists():
         short += f" (the previous results are kept in {superseded})"
@@ -477,7 +495,7 @@ class _Session:
         if not first:
             return
         total = len(first) + sum(map(len, after_warm_up.values()))
-        bar = tqdm(total=total, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
+        bar = progress_bar(total=total, unit="run", disable=not self.opts.verbose or not sys.stderr.isatty())
         pool = ThreadPoolExecutor(max_workers=min(executor.width, total))
         submit = lambda st, r: pool.submit(_launch, r, self.spec(r, fingerprints[st.name]), executor,  # noqa: E731
                                            self.opts.force)
@@ -657,10 +675,10 @@ def _main(args: argparse.Namespace) -> int:
     headline = experiment_headline(exp_dir)
     if headline is not None:
         print(f"\nHeadline ({headline_split(exp_dir)}):\n" + format_headline(headline))
-    print(f"\nResults: {exp_dir}  (summary.csv, per-run folders)")
+    print(f"\nResults: {portable_path(exp_dir)}  (summary.csv, per-run folders)")
     if not args.no_render:
-        print(f"Open {Path(args.results).resolve() / 'index.html'} for the rendered notebooks; "
-              f"index: {Path(args.results).resolve() / 'README.md'}")
+        print(f"Open {portable_path(Path(args.results) / 'index.html')} for the rendered notebooks; "
+              f"index: {portable_path(Path(args.results) / 'README.md')}")
     print(f"Wall time: {time.perf_counter() - wall:.0f} s")
     return 1 if any(r.status in FAILED for r in results) else 0
 
