@@ -1,6 +1,7 @@
 """Continual and few-shot compound-expression learning (fer_lib.methods.continual, fer_lib.faces.compound) on tiny data."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -285,3 +286,27 @@ def test_notebook05_smoke(tmp_path):
     assert set(metrics["few_shot"]["basic model"]["results"]) == {"1", "2"}
     for fig in ("accuracy_per_task.png", "final_comparison.png", "few_shot.png", "compound_cams.png"):
         assert (out_dir / fig).stat().st_size > 1000
+
+
+def test_image_size_backbone_and_normalisation_come_from_the_base_checkpoint(tmp_path):
+    """A lite0 base checkpoint fixes image size, backbone and mean/std; a disagreeing image_size is refused;
+    the summary carries Wilson intervals of the final accuracies and bootstrap intervals of forgetting."""
+    classes = ("neutral", "happiness", "sadly_angry")
+    base = build_model("tf_efficientnet_lite0", num_classes=2, image_size=32, class_names=list(classes[:2]))
+    path = tmp_path / "best.pt"
+    torch.save({"model_state": base.state_dict(), "model_config": base.config}, path)
+    common = dict(base_classes=classes[:2], new_classes=classes[2:], methods=("finetune",), epochs=1, batch_size=4,
+                  device="cpu", base_checkpoint=str(path), n_boot=50)
+    cfg = ContinualConfig(**common)
+    assert (cfg.image_size, cfg.backbone) == (32, "tf_efficientnet_lite0")
+    assert cfg.normalisation() == ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="trained at 32 px, but image_size=64"):
+        ContinualConfig(**common, image_size=64)
+    assert ContinualConfig(methods=("finetune",)).image_size == 64  # no checkpoint: the old default
+    data = {"train": _toy_split(4, classes, 32, 3), "test": _toy_split(6, classes, 32, 4)}
+    res = run_continual(cfg, data, progress=False)
+    s = res.summary()["finetune"]
+    for name in ("acc_overall", "acc_old", "acc_new"):
+        assert s[f"{name}_ci_low"] <= s[name] <= s[f"{name}_ci_high"]
+    assert s["forgetting_ci_low"] <= s["forgetting"] <= s["forgetting_ci_high"]
+    assert "faces" not in json.dumps(res.to_json()["steps"])

@@ -76,7 +76,9 @@ def test_rebuild_from_config_restores_the_model(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backbone="lnl"), "valid choices: lnlattennet"),
-    (dict(trunk="vgg"), "valid choices: conv, unet, resnet18"),
+    (dict(trunk="vgg"), "valid choices: conv, unet, resnet18, tf_efficientnet_lite0"),
+    (dict(pretrained="imagenet"), "needs a timm trunk"),
+    (dict(backbone="lnlattennet_shared_lite0", trunk_stage=9), "trunk_stage must be"),
     (dict(local="both"), "valid choices: separate, shared"),
     (dict(layers=("layer4",)), "valid choices"),
     (dict(image_size=16), "image_size must be"),
@@ -113,6 +115,43 @@ def test_training_step_changes_parameters_and_lowers_the_loss():
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("region_attention.score") for k in changed)
     assert any(k.startswith("local_nets") for k in changed) and any(k.startswith("trunk") for k in changed)
+
+
+def test_pretrained_lite0_trunk_loads_imagenet_and_learns(tmp_path):
+    """lnlattennet_shared_lite0 with pretrained="imagenet": the trunk holds the packaged ImageNet tensors
+    (cut at stage 4, 7x7 at 112 px), normalisation is lite0's, a checkpoint rebuilds it, and training
+    steps lower the loss."""
+    from fer_lib.models import build_model, load_checkpoint
+    from fer_lib.models.checkpoints import load_file
+    from fer_lib.models.timm_backbones import offline_weights_file
+
+    torch.manual_seed(0)
+    model = build_model("lnlattennet_shared_lite0", num_classes=3, image_size=64, layers=("last", "trunk"),
+                        pretrained="imagenet")
+    source = load_file(offline_weights_file("tf_efficientnet_lite0"))
+    stem = next(iter(source.values()))  # the file's first tensor: the stem convolution
+    assert torch.equal(model.trunk.body.conv_stem.weight, stem)
+    assert isinstance(model.trunk.body.conv_head, torch.nn.Identity) and len(model.trunk.body.blocks) == 5  # cut
+    assert model.config["mean"] == [0.5, 0.5, 0.5] and model.config["pretrained"] == "imagenet"
+    fresh = build_model("lnlattennet_shared_lite0", num_classes=3, image_size=64)
+    assert not torch.equal(fresh.trunk.body.conv_stem.weight, stem)
+    x, y = torch.randn(12, 3, 64, 64), torch.arange(12) % 3
+    assert model(x)[1][1].shape == (12, 112, 4, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(model(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    path = tmp_path / "lnl.pt"
+    torch.save({"model_state": model.state_dict(), "model_config": model.config}, path)
+    rebuilt = lnl_from_config(model.config)
+    rebuilt.load_state_dict(torch.load(path)["model_state"])
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval().classify(x), model.eval().classify(x), atol=1e-5)
 
 
 def _blanked_data(n: int = 48, size: int = 32, blank: int = 5, seed: int = 0):

@@ -227,3 +227,26 @@ def test_notebook07_smoke(tmp_path):
     for figure in metrics["figures"]:
         assert (out_dir / figure).stat().st_size > 1000
     assert (out_dir / "runs" / "contrawarping" / "checkpoints" / "backbone.pt").is_file()
+
+
+def test_encoder_can_start_from_imagenet_and_probes_report_intervals():
+    """pretrained="imagenet": the encoder (and its EMA target) hold lite0's packaged ImageNet tensors; the probe
+    accuracies come with 95% Wilson intervals over the test items."""
+    from fer_lib.methods.ssl import ExperimentConfig, create_backbone, evaluate_representation
+    from fer_lib.models.checkpoints import load_file
+    from fer_lib.models.timm_backbones import offline_weights_file
+
+    stem = next(iter(load_file(offline_weights_file("tf_efficientnet_lite0")).values()))
+    model = ContraWarping("tf_efficientnet_lite0", 32, proj_dim=16, hidden_dim=32, pretrained="imagenet")
+    assert torch.equal(model.encoder.conv_stem.weight, stem) and torch.equal(model.target_encoder.conv_stem.weight, stem)
+    assert not torch.equal(create_backbone("tf_efficientnet_lite0", 32).conv_stem.weight, stem)
+    assert SSLConfig(backbone="tf_efficientnet_lite0", pretrained="ImageNet").pretrained == "imagenet"
+    assert ExperimentConfig(backbone="tf_efficientnet_lite0", pretrained="imagenet").ssl_config("main").pretrained == "imagenet"
+    with pytest.raises(ConfigError, match="pretrained"):
+        SSLConfig(pretrained="imagenet21k")
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(3, 32, 32, generator=g) + 2.0 * (i % 2), i % 2) for i in range(24)]
+    r = evaluate_representation(create_backbone("resnet18", 32), items[:16], items[16:], ["a", "b"], progress=False)
+    for key in ("linear_probe", "knn"):
+        low, high = r[key]["accuracy_ci"]
+        assert 0.0 <= low <= r[key]["accuracy"] <= high <= 1.0 and high - low > 0.1  # 8 test items: wide

@@ -61,7 +61,15 @@ Metrics per task t: accuracy on old classes (tasks < t), new classes (task t), o
 (all seen), basic and compound classes, and the accuracy matrix a[t][j] on each task's
 classes; per method: average incremental accuracy (mean overall accuracy over all steps,
 task 0 included; Rebuffi et al. 2017) and forgetting (mean over tasks j < T of
-max_{l<T} a[l][j] - a[T][j]; Chaudhry et al. 2018).
+max_{l<T} a[l][j] - a[T][j]; Chaudhry et al. 2018). Their spread over test faces
+(`summary`): a 95% Wilson interval for each final accuracy (k of n test faces) and a 95%
+bootstrap interval (test faces resampled within each task's classes, `n_boot` times) for
+forgetting and average incremental accuracy: what another draw of test faces could give.
+
+A base checkpoint fixes the model side: the image size (`image_size=None` takes the checkpoint's;
+a different value is refused), the backbone (`backbone=None` takes it) and the normalisation the
+faces get (the checkpoint's mean/std, e.g. 0.5/0.5 for tf_efficientnet_lite0), so a lite0 baseline
+at 112 px from the main job is used as it was trained.
 """
 from __future__ import annotations
 
@@ -82,7 +90,9 @@ from fer_lib.data import build_datasets
 from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_PARTS, RAFDB_COMPOUNDS, is_compound
 from fer_lib.metrics import classification_metrics, map_cosine
-from fer_lib.models import TappedModel, build_model, load_checkpoint, resolve_layers
+from fer_lib.methods.intervals import wilson_interval
+from fer_lib.models import TappedModel, build_model, load_checkpoint, pretrained_normalisation, resolve_layers
+from fer_lib.models.checkpoints import read_checkpoint
 from fer_lib.plots import save_figure
 from fer_lib.training.losses import AUGuidedLoss
 from fer_lib.training.step import (OPTIMIZERS, AUGuidedStep, OptimSpec, Schedule, StepSettings, autocast,
@@ -289,10 +299,10 @@ class ContinualConfig:
     new_class_samples: int | None = None  # training samples per new class (None = all): few-sample CL
     base_checkpoint: str | None = None  # a trained basic model (fer_lib checkpoint) as task 0 of CE-only methods
     base_checkpoint_au: str | None = None  # the same for "+au" methods (else trained here)
-    # model and optimisation
-    backbone: str = "resnet18"
+    # model and optimisation (backbone / image_size None: the base checkpoint's, else resnet18 / 64)
+    backbone: str | None = None
     layers: tuple = ("last",)
-    image_size: int = 64
+    image_size: int | None = None
     epochs_base: int = 8
     epochs: int = 4  # per incremental task
     batch_size: int = 32
@@ -311,8 +321,16 @@ class ContinualConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    n_boot: int = 1000  # bootstrap resamples of the test faces for the intervals of forgetting (0: none)
 
     def __post_init__(self) -> None:
+        for name in ("base_checkpoint", "base_checkpoint_au"):
+            path = getattr(self, name)
+            if path in ("", None):
+                setattr(self, name, None)
+            elif not Path(path).is_file():
+                raise ConfigError(f"{name} not found: {path}")
+        self._adopt_checkpoint()
         for name in ("base_classes", "new_classes", "methods", "layers"):
             value = getattr(self, name)
             setattr(self, name, (value,) if isinstance(value, (str, int)) else tuple(value))
@@ -334,6 +352,7 @@ class ContinualConfig:
         for name in ("epochs_base", "epochs", "batch_size", "image_size"):
             check_number(name, getattr(self, name), integer=True, minimum=1)
         check_number("memory_size", self.memory_size, integer=True, minimum=0)
+        check_number("n_boot", self.n_boot, integer=True, minimum=0)
         for name in ("kd_weight", "feature_kd_weight", "au_weight", "momentum", "weight_decay"):
             check_number(name, getattr(self, name), minimum=0)
         for name in ("lr", "lr_base", "temperature"):
@@ -346,13 +365,38 @@ class ContinualConfig:
             raise ConfigError(f"memory_size={self.memory_size} is smaller than the {n_classes} classes: a memory "
                               f"method could not keep one exemplar per class; use memory_size >= {n_classes}")
         resolve_layers(self.backbone, self.layers)
+        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
+
+    def _adopt_checkpoint(self) -> None:
+        """Fill backbone / image_size from the base checkpoint(s) and refuse values that disagree with them."""
+        self._normalisation: tuple[list[float], list[float]] | None = None
         for name in ("base_checkpoint", "base_checkpoint_au"):
             path = getattr(self, name)
-            if path in ("", None):
-                setattr(self, name, None)
-            elif not Path(path).is_file():
-                raise ConfigError(f"{name} not found: {path}")
-        resolve_device(self.device)  # CUDA asked for without a GPU -> ConfigError now
+            if path is None:
+                continue
+            mc = checkpoint_model_config(path)
+            size, backbone = int(mc["image_size"]), str(mc["backbone"])
+            if self.image_size is None:
+                self.image_size = size
+            elif self.image_size != size:
+                raise ConfigError(f"{name} {path} was trained at {size} px, but image_size={self.image_size}: leave "
+                                  f"image_size unset (None) to take the checkpoint's, or give {size}")
+            if self.backbone is None:
+                self.backbone = backbone
+            elif name == "base_checkpoint" and self.backbone != backbone:
+                raise ConfigError(f"{name} {path} is a {backbone}, but backbone={self.backbone!r}: leave backbone "
+                                  f"unset (None) to take the checkpoint's")
+            norm = (list(mc.get("mean") or ()), list(mc.get("std") or ()))
+            if self._normalisation is not None and norm != self._normalisation:
+                raise ConfigError(f"base_checkpoint and base_checkpoint_au normalise images differently: "
+                                  f"{self._normalisation} vs {norm}")
+            self._normalisation = norm if norm[0] and norm[1] else None
+        self.backbone = self.backbone or "resnet18"
+        self.image_size = self.image_size or 64
+
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """(mean, std) the faces get: the base checkpoint's, else the backbone's pretrained normalisation."""
+        return self._normalisation or pretrained_normalisation(self.backbone)
 
     def protocol(self) -> ContinualProtocol:
         return make_protocol(self.base_classes, self.new_classes, self.increment, self.task_sizes,
@@ -361,6 +405,11 @@ class ContinualConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def checkpoint_model_config(path: str | Path) -> dict[str, Any]:
+    """The `model_config` a fer_lib checkpoint records (backbone, image_size, class_names, mean, std, ...)."""
+    return dict(read_checkpoint(path)["model_config"])
 
 
 def split_method(name: str) -> tuple[str, bool]:
@@ -383,9 +432,11 @@ def load_continual_data(config: ContinualConfig, progress: bool = True, cache_di
         raise ConfigError(f"load_continual_data builds the synthetic set only (got dataset={config.dataset!r}); for "
                           f"real data use build_datasets(...) per source, tensor_split() and merge_splits()")
     classes = config.protocol().class_order
+    mean, std = config.normalisation()  # as the base model was trained (the checkpoint's mean/std)
     datasets = build_datasets("synthetic", root=config.data_root, image_size=config.image_size, seed=config.seed,
                               landmarks=config.landmarks, cache_dir=cache_dir, augment=False,
-                              expressions=tuple(classes), n_per_class=dict(config.n_per_class), progress=progress)
+                              expressions=tuple(classes), n_per_class=dict(config.n_per_class), progress=progress,
+                              mean=mean, std=std)
     return {split: tensor_split(ds, progress, desc=f"{split} tensors") for split, ds in datasets.items()}
 
 
@@ -709,6 +760,7 @@ def evaluate_step(model: TappedModel, test: TensorSplit, protocol: ContinualProt
         "acc_task": {int(j): acc(task_of == j) for j in range(t + 1)},
         "att_cos_mean": ev.get("att_cos_mean"),
         "confusion": metrics["confusion"],
+        "faces": {"index": np.asarray(idx, dtype=np.int64), "correct": pred == y, "task": task_of},  # in memory
     }
 
 
@@ -747,7 +799,8 @@ class ContinualResults:
         return self.base_models[au]
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per method: final old/new/overall/basic/compound accuracy, average incremental accuracy, forgetting."""
+        """Per method: final old/new/overall/basic/compound accuracy, average incremental accuracy, forgetting,
+        with 95% intervals over test faces (`<metric>_ci_low` / `_ci_high`; see the module docstring)."""
         out = {}
         for method, steps in self.steps.items():
             last = steps[-1]
@@ -761,17 +814,65 @@ class ContinualResults:
                 "memory_final": int(sum(self.memory_counts.get(method, [{}])[-1].values())),
                 "train_s": self.timings.get(method),
             }
+            out[method].update(face_intervals(steps, self.config.n_boot, self.config.seed))
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "protocol": self.protocol.to_dict(), "summary": self.summary(),
-                "steps": {m: [{k: v for k, v in s.items() if k != "confusion"} for s in steps]
+                "steps": {m: [{k: v for k, v in s.items() if k not in ("confusion", "faces")} for s in steps]
                           for m, steps in self.steps.items()},
                 "confusion_final": {m: steps[-1]["confusion"] for m, steps in self.steps.items()},
                 "train_logs": self.train_logs,
                 "memory_counts": {m: [{str(k): v for k, v in c.items()} for c in cs]
                                   for m, cs in self.memory_counts.items()},
                 "timings_s": self.timings}
+
+
+def face_intervals(steps: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict[str, float | None]:
+    """95% intervals over test faces of a method's final accuracies (Wilson) and of its forgetting and
+    average incremental accuracy (bootstrap: the test faces of each task's classes resampled with
+    replacement, the same draw for every step, percentiles of the recomputed values)."""
+    out: dict[str, float | None] = {}
+    last = steps[-1]
+    if "faces" not in last:
+        return out
+    t_last = int(last["task"])
+    correct, task = np.asarray(last["faces"]["correct"], bool), np.asarray(last["faces"]["task"])
+    groups = {"acc_overall": np.ones_like(correct), "acc_old": task < t_last, "acc_new": task == t_last,
+              "acc_basic": task == 0}
+    for name, mask in groups.items():
+        n = int(mask.sum())
+        low, high = wilson_interval(int(correct[mask].sum()), n, level) if n else (None, None)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+    if n_boot < 1 or len(steps) < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    index, last_task = np.asarray(last["faces"]["index"]), task
+    size = int(index.max()) + 1
+    forget, avg = [], []
+    for _ in range(n_boot):
+        counts = np.zeros(size)
+        for j in np.unique(last_task):  # resample within each task's faces: every task keeps its size
+            members = index[last_task == j]
+            np.add.at(counts, rng.choice(members, size=len(members), replace=True), 1.0)
+        matrix, overall = [], []
+        for s in steps:
+            f = s["faces"]
+            w = counts[np.asarray(f["index"])]
+            c, tk = np.asarray(f["correct"], float), np.asarray(f["task"])
+            matrix.append({int(j): (float((w * c)[tk == j].sum() / w[tk == j].sum()) if w[tk == j].sum() else None)
+                           for j in range(int(s["task"]) + 1)})
+            overall.append(float((w * c).sum() / max(w.sum(), 1e-12)))
+        value = forgetting(matrix)
+        if value is not None:
+            forget.append(value)
+        avg.append(float(np.mean(overall)))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    if forget:
+        out["forgetting_ci_low"], out["forgetting_ci_high"] = (float(v) for v in np.percentile(forget, q))
+    out["avg_incremental_acc_ci_low"], out["avg_incremental_acc_ci_high"] = (float(v) for v in np.percentile(avg, q))
+    return out
 
 
 def _task_seed(seed: int, t: int) -> int:

@@ -35,6 +35,12 @@ longer pulls positives together; the softmax push is bounded (unlike an unbounde
 `relu(s- - s+ + margin)` instead of the softplus) and objective="byol" (no negatives: the
 paper's ablation). The EMA momentum follows BYOL's cosine schedule from `ema` to 1.
 
+Starting point (`pretrained`): by default the encoder starts from random weights, as in the
+paper; `pretrained="imagenet"` starts it (online and target) from the backbone's ImageNet weights
+(offline for tf_efficientnet_lite0/1/2, as fer_lib.models.build_model loads them), and
+`run_experiment` then also probes the ImageNet features alone ("imagenet_init"), the starting point
+ContraWarping has to improve on. Images are normalised as the backbone's pretrained weights expect.
+
 AU-aware warping (new, `au_aware=True`): the local warps are concentrated on the AU regions
 of the face (see fer_lib.methods.warps), so the negatives change exactly the geometry the AU
 codebook says carries the expression.
@@ -64,12 +70,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from fer_lib.data import build_datasets
 from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
+from fer_lib.methods.intervals import accuracy_with_interval
 from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_field_maps,
                                    random_displacement, sample_global_params)
 from fer_lib.metrics import classification_metrics
-from fer_lib.models import available_layers, build_model, load_checkpoint
+from fer_lib.models import available_layers, build_model, load_checkpoint, pretrained_normalisation
+from fer_lib.models.factory import check_pretrained
 from fer_lib.plots import save_figure
-from fer_lib.training.step import OptimSpec, Schedule, TrainStep, build_optimizer
+from fer_lib.training.step import OPTIMIZERS, OptimSpec, Schedule, TrainStep, build_optimizer
 from fer_lib.training.train import TrainConfig, train
 from fer_lib.utils import (ConfigError, atomic_path, atomic_write_csv, atomic_write_json, check_choice, check_number,
                            config_hash, progress_bar, resolve_device, run_info, seed_everything)
@@ -91,6 +99,7 @@ class SSLConfig:
     dataset_kwargs: dict = field(default_factory=dict)  # passed to fer_lib.data.build_datasets
     landmarks: str = "ground_truth"  # where warps get their AU anchors: ground_truth (synthetic) | detect | none
     backbone: str = "resnet18"
+    pretrained: bool | str = False  # "imagenet": the encoder starts from ImageNet weights (offline for lite0/1/2)
     image_size: int = 64
     epochs: int = 10
     batch_size: int = 64
@@ -141,6 +150,7 @@ class SSLConfig:
             raise ConfigError(f"dataset_kwargs must be a dict, got {type(self.dataset_kwargs).__name__}")
         self.warp = dataclasses.replace(self.warp, au_aware=bool(self.au_aware))
         available_layers(self.backbone)  # unknown backbone -> ConfigError listing valid names
+        self.pretrained = _check_start(self.pretrained)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -333,9 +343,19 @@ def feature_dim(net: nn.Module, image_size: int) -> int:
     return dim
 
 
-def create_backbone(backbone: str, image_size: int) -> nn.Module:
-    """The timm model of fer_lib.models.build_model with its classifier removed (pooled features out)."""
-    net = build_model(backbone, image_size=image_size).net
+def _check_start(pretrained: Any) -> bool | str:
+    """False or "imagenet" (the starting points an encoder can take here), normalised; else ConfigError."""
+    value = check_pretrained(pretrained, None) if pretrained is not True else True
+    if value is True:
+        raise ConfigError("pretrained must be False or 'imagenet' here (to start from a file, load it into the "
+                          "encoder yourself); got True")
+    return value
+
+
+def create_backbone(backbone: str, image_size: int, pretrained: bool | str = False) -> nn.Module:
+    """The timm model of fer_lib.models.build_model with its classifier removed (pooled features out);
+    pretrained="imagenet" starts it from ImageNet weights (offline for tf_efficientnet_lite0/1/2)."""
+    net = build_model(backbone, image_size=image_size, pretrained=_check_start(pretrained)).net
     net.reset_classifier(0)
     return net
 
@@ -356,10 +376,10 @@ class ContraWarping(nn.Module):
     """BYOL-style online (encoder, projector, predictor) and EMA target (encoder, projector) networks."""
 
     def __init__(self, backbone: str = "resnet18", image_size: int = 64, proj_dim: int = 128,
-                 hidden_dim: int = 512) -> None:
+                 hidden_dim: int = 512, pretrained: bool | str = False) -> None:
         super().__init__()
         self.backbone_name = backbone
-        self.encoder = create_backbone(backbone, image_size)
+        self.encoder = create_backbone(backbone, image_size, pretrained)
         dim = feature_dim(self.encoder, image_size)
         self.projector = mlp(dim, hidden_dim, proj_dim)
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
@@ -491,9 +511,10 @@ def _build_pretrain_images(config: SSLConfig, datasets: Mapping[str, Any] | Any 
     if isinstance(datasets, UnlabelledImages):
         return datasets
     if datasets is None:
+        mean, std = pretrained_normalisation(config.backbone)
         datasets = build_datasets(config.dataset, root=config.data_root, image_size=config.image_size,
                                   seed=config.seed, landmarks=config.landmarks, augment=False,
-                                  **config.dataset_kwargs)
+                                  **{"mean": mean, "std": std, **config.dataset_kwargs})
     source = datasets["train"] if isinstance(datasets, Mapping) else datasets
     return UnlabelledImages.from_dataset(source, max_images=config.max_images, seed=config.seed)
 
@@ -555,7 +576,8 @@ def pretrain(config: SSLConfig, datasets: Mapping[str, Any] | Any | None = None,
     if n < 2:
         raise ConfigError(f"pretraining needs at least 2 images, got {n}")
     au_fields = data.au_fields(config.warp.field_size, config.warp.au_sigma)
-    model = ContraWarping(config.backbone, data.image_size, config.proj_dim, config.hidden_dim).to(device)
+    model = ContraWarping(config.backbone, data.image_size, config.proj_dim, config.hidden_dim,
+                          config.pretrained).to(device)
     bs = min(config.batch_size, n)
     steps_per_epoch = n // bs
     if config.max_steps_per_epoch:
@@ -610,7 +632,8 @@ def _save_pretraining(loop: _Pretraining, history: list[dict[str, Any]], train_t
     config, data, model = loop.config, loop.data, loop.step.model
     out_dir = Path(config.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    meta = {"backbone": config.backbone, "image_size": data.image_size, "mean": list(data.mean),
+    meta = {"backbone": config.backbone, "pretrained": config.pretrained, "image_size": data.image_size,
+            "mean": list(data.mean),
             "std": list(data.std), "method": "contrawarping", "objective": config.objective,
             "au_aware": config.au_aware, "config_hash": ident, "run": run_info(config.to_dict())}
     backbone_path = save_backbone(model.encoder, ckpt_dir / "backbone.pt", meta)
@@ -726,6 +749,10 @@ def evaluate_representation(net: nn.Module, train_set: Any, test_set: Any, class
     te_x, te_y = extract_features(net, test_set, device=device, progress=progress, desc="features test")
     probe = linear_probe(tr_x, tr_y, te_x, te_y, class_names, seed=ps.seed)
     knn = classification_metrics(te_y, knn_predict(tr_x, tr_y, te_x, k, len(class_names)), class_names)
+    n_test = int(len(te_y))
+    for result in (probe, knn):  # 95% Wilson interval over the test faces
+        interval = accuracy_with_interval(int(round(result["accuracy"] * n_test)), n_test)
+        result["accuracy_ci"] = [interval["ci_low"], interval["ci_high"]]
     out: dict[str, Any] = {
         "linear_probe": probe, "knn": knn, "knn_k": k,
         "retrieval": retrieval_metrics(te_x, te_y, tr_x, tr_y),
@@ -746,6 +773,7 @@ class ExperimentConfig:
     dataset_kwargs: dict = field(default_factory=dict)
     landmarks: str = "ground_truth"
     backbone: str = "resnet18"
+    pretrained: bool | str = False  # "imagenet": every encoder (and the supervised one) starts from ImageNet
     image_size: int = 64
     epochs: int = 10
     batch_size: int = 64
@@ -756,6 +784,7 @@ class ExperimentConfig:
     ablation: bool = True  # also pretrain BYOL-only and the other warp variant (uniform <-> AU-aware)
     supervised_epochs: int = 5  # 0 = no supervised baseline
     supervised_lr: float = 0.01
+    supervised_optimizer: str = "sgd"  # sgd | adamw (adamw, lr 1e-3 suits an ImageNet start)
     finetune_epochs: int = 0  # >0: fine-tune (fer_lib.training.train, CE) from scratch and from ContraWarping weights
     knn_k: int = 10
     seed: int = 0
@@ -768,6 +797,8 @@ class ExperimentConfig:
         for name in ("supervised_epochs", "finetune_epochs"):
             check_number(name, getattr(self, name), integer=True, minimum=0)
         check_number("knn_k", self.knn_k, integer=True, minimum=1)
+        check_choice("supervised_optimizer", self.supervised_optimizer, OPTIMIZERS)
+        self.pretrained = _check_start(self.pretrained)
         self.ssl_config("main")  # validates the shared fields now
 
     def ssl_config(self, variant: str) -> SSLConfig:
@@ -780,7 +811,8 @@ class ExperimentConfig:
         elif variant != "main":
             raise ConfigError(f"unknown variant {variant!r}; valid: main, byol, other_warp")
         return SSLConfig(dataset=self.dataset, data_root=self.data_root, dataset_kwargs=dict(self.dataset_kwargs),
-                         landmarks=self.landmarks, backbone=self.backbone, image_size=self.image_size,
+                         landmarks=self.landmarks, backbone=self.backbone, pretrained=self.pretrained,
+                         image_size=self.image_size,
                          epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, objective=objective,
                          au_aware=au_aware, symmetric=self.symmetric, seed=self.seed, device=self.device,
                          max_steps_per_epoch=self.max_steps_per_epoch,
@@ -802,7 +834,8 @@ def _supervised_backbone(cfg: ExperimentConfig, datasets: Mapping[str, Any], out
                          epochs: int, weights: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     tc = TrainConfig(dataset=cfg.dataset, data_root=cfg.data_root, landmarks=cfg.landmarks, backbone=cfg.backbone,
                      image_size=cfg.image_size, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.supervised_lr,
-                     au_weight=0.0, pretrained=weights is not None, weights=weights, seed=cfg.seed,
+                     optimizer=cfg.supervised_optimizer, au_weight=0.0,
+                     pretrained=True if weights is not None else cfg.pretrained, weights=weights, seed=cfg.seed,
                      device=cfg.device, max_steps_per_epoch=cfg.max_steps_per_epoch, out_dir=str(out_dir))
     metrics = train(tc, datasets=dict(datasets))
     model, _ = load_checkpoint(out_dir / "checkpoints" / "best.pt")
@@ -818,8 +851,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    mean, std = pretrained_normalisation(cfg.backbone)  # as fer_lib.training.train normalises this backbone
     common = dict(root=cfg.data_root, image_size=cfg.image_size, seed=cfg.seed, landmarks=cfg.landmarks,
-                  **cfg.dataset_kwargs)
+                  **{"mean": mean, "std": std, **cfg.dataset_kwargs})
     plain = build_datasets(cfg.dataset, augment=False, **common)
     if "train" not in plain:
         raise ConfigError(f"dataset {cfg.dataset!r} has no train split: {sorted(plain)}")
@@ -842,7 +876,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
                                "au_aware": sc.au_aware}
         backbones[name] = load_backbone(summary["backbone_path"], cfg.backbone, cfg.image_size)
     seed_everything(cfg.seed)
-    backbones = {"random_init": create_backbone(cfg.backbone, cfg.image_size), **backbones}
+    starts = {"random_init": create_backbone(cfg.backbone, cfg.image_size)}
+    if cfg.pretrained == "imagenet":  # ContraWarping's own starting point: the ImageNet features alone
+        starts["imagenet_init"] = create_backbone(cfg.backbone, cfg.image_size, "imagenet")
+    backbones = {**starts, **backbones}
     supervised: dict[str, Any] = {}
     if cfg.supervised_epochs > 0:
         aug = build_datasets(cfg.dataset, augment=True, **common)
@@ -868,10 +905,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
         features[name] = r.pop("features")
         evaluation[name] = r
     table = [{"backbone": name, "linear_probe_acc": r["linear_probe"]["accuracy"],
+              "linear_probe_ci_low": r["linear_probe"]["accuracy_ci"][0],
+              "linear_probe_ci_high": r["linear_probe"]["accuracy_ci"][1],
               "linear_probe_f1": r["linear_probe"]["macro_f1"], "knn_acc": r["knn"]["accuracy"],
+              "knn_ci_low": r["knn"]["accuracy_ci"][0], "knn_ci_high": r["knn"]["accuracy_ci"][1],
+              "n_test": r["n_test"],
               **{f"retrieval_{k}": v for k, v in r["retrieval"].items()}} for name, r in evaluation.items()]
     results = {"run": run_info(cfg.to_dict()), "config": cfg.to_dict(), "eval_split": eval_split,
                "n_pretrain_images": len(images), "n_with_anchors": int(images.has_anchors.sum()),
+               "chance": 1.0 / len(class_names), "ci": "95% Wilson interval over the test faces",
                "pretraining": pretrain_runs, "evaluation": evaluation, "table": table,
                "supervised": supervised, "finetune": finetune, "device": str(device)}
     atomic_write_json(out_dir / "results.json", results)

@@ -13,7 +13,10 @@ Our reading of the paper (its abstract and figures; the code is not public):
   their weights are independent); `local="shared"` runs one trunk over the whole image and pools
   its feature map per region, with a separate head per region (cheaper, larger receptive field);
 - non-local part: a whole-image trunk (the paper uses a U-Net to mix deep and shallow features:
-  `trunk="unet"`; `"conv"` is a plain 4-layer CNN, `"resnet18"` timm's resnet18 up to layer2)
+  `trunk="unet"`; `"conv"` is a plain 4-layer CNN; any timm CNN name, e.g. `"resnet18"` or
+  `"tf_efficientnet_lite0"`, runs that network up to its stage `trunk_stage` (1-based as
+  fer_lib.models' layers; 3 = stride 8), and with `pretrained="imagenet"` the trunk starts from its
+  ImageNet weights, loaded exactly as for the plain timm backbone (offline for the lite models))
   gives a global embedding; a non-local block (embedded-Gaussian self-attention, Wang et al.
   2018) relates the 16 region embeddings and the global token; a scorer turns each related
   region token into one score and a softmax over the regions gives the region weights (they sum
@@ -40,26 +43,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fer_lib.faces.au import EXPRESSIONS, valid_map_mask
+from fer_lib.models import timm_backbones
 from fer_lib.models.checkpoints import load_file
-from fer_lib.models.registry import ModelFamily, ModelSpec, register_family
+from fer_lib.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelFamily, ModelSpec, register_family
 from fer_lib.models.tapped import resolve_stage_names
 from fer_lib.utils import ConfigError, check_choice
 
 #: how the local networks see their regions
 LOCAL_MODES: tuple[str, ...] = ("separate", "shared")
-#: whole-image trunks (the global / non-local branch; also the local features when local="shared")
-TRUNKS: tuple[str, ...] = ("conv", "unet", "resnet18")
-#: model names buildable through fer_lib.models.build_model, with the options each implies
-LNL_VARIANTS: dict[str, dict[str, str]] = {
+#: whole-image trunks (the global / non-local branch; also the local features when local="shared"):
+#: the built-in ones, then timm CNNs tried here (any other timm CNN name works too)
+OWN_TRUNKS: tuple[str, ...] = ("conv", "unet")
+TRUNKS: tuple[str, ...] = OWN_TRUNKS + ("resnet18", "tf_efficientnet_lite0")
+#: model names buildable through fer_lib.models.build_model, with the options each implies. The `_lite0`
+#: ones run tf_efficientnet_lite0 up to stage 4 (blocks.4: 112 channels, 7x7 at 112 px, the main job's
+#: tapped layer); build them with pretrained="imagenet" to start the trunk from ImageNet.
+LNL_VARIANTS: dict[str, dict[str, Any]] = {
     "lnlattennet": {"local": "separate", "trunk": "conv"},
     "lnlattennet_shared": {"local": "shared", "trunk": "conv"},
     "lnlattennet_unet": {"local": "separate", "trunk": "unet"},
     "lnlattennet_shared_resnet18": {"local": "shared", "trunk": "resnet18"},
+    "lnlattennet_shared_lite0": {"local": "shared", "trunk": "tf_efficientnet_lite0", "trunk_stage": 4},
+    "lnlattennet_lite0": {"local": "separate", "trunk": "tf_efficientnet_lite0", "trunk_stage": 4},
 }
 LNL_BACKBONES: tuple[str, ...] = tuple(LNL_VARIANTS)
 #: tappable modules in stage order (stage 1 = "trunk", stage 2 = "last" = the region weights)
@@ -107,19 +118,45 @@ class UNetTrunk(nn.Module):
         return self.dec(torch.cat([e3, up], dim=1))
 
 
+def check_trunk(name: str) -> str:
+    """`name` if it is a built-in trunk or a timm CNN, else ConfigError listing the choices."""
+    if name in OWN_TRUNKS:
+        return name
+    try:
+        return timm_backbones.check_cnn_trunk(name)
+    except ConfigError:
+        raise ConfigError(f"unknown trunk {name!r}; valid choices: {', '.join(TRUNKS)} "
+                          "(or any other timm CNN name)") from None
+
+
 class TimmTrunk(nn.Module):
-    """timm resnet18 up to layer2 (stride 8, 128 channels), returning a tensor (not a list)."""
+    """A timm CNN up to its stage `stage` (1-based, as fer_lib.models' layers; 3 = resnet18's layer2 or
+    lite0's blocks.2, stride 8), later blocks and head removed, returning the stage's map (B,C,h,w).
 
-    def __init__(self, in_chans: int = 3, name: str = "resnet18"):
+    pretrained: False, or "imagenet" / True with `weights` (a timm state dict file): the weights are
+    loaded into the whole network exactly as fer_lib's timm family does (offline for the lite models),
+    before the unused blocks are cut.
+    """
+
+    def __init__(self, in_chans: int = 3, name: str = "resnet18", stage: int = 3, pretrained: bool | str = False,
+                 weights: Any = None, allow_download: bool = False):
         super().__init__()
-        import timm
-
-        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(2,),
-                                      in_chans=in_chans)
-        self.out_channels = int(self.body.feature_info.channels()[-1])
+        names = timm_backbones.stage_names(name)
+        if not isinstance(stage, int) or not 1 <= stage <= len(names):
+            raise ConfigError(f"trunk_stage must be a stage number 1..{len(names)} of {name} "
+                              f"({', '.join(f'{i + 1}={n}' for i, n in enumerate(names))}), got {stage!r}")
+        if pretrained:
+            spec = ModelSpec(backbone=name, num_classes=7, image_size=224, pretrained=pretrained, weights=weights,
+                             in_chans=in_chans, allow_download=allow_download, tap_names=[names[-1]])
+            body = timm_backbones.build(spec).net
+        else:
+            body = timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=7)
+        body.prune_intermediate_layers([stage - 1], prune_head=True)
+        self.body, self.stage, self.stage_name = body, stage, names[stage - 1]
+        self.out_channels = int(body.feature_info[stage - 1]["num_chs"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)[-1]
+        return self.body.forward_intermediates(x, indices=[self.stage - 1], intermediates_only=True)[-1]
 
 
 class SeparateLocalNets(nn.Module):
@@ -213,7 +250,7 @@ def split_regions(x: torch.Tensor, grid: int) -> torch.Tensor:
 @dataclass
 class LNLOptions:
     """LNLAttenNet's architecture: local networks ("separate" per region or "shared" on the trunk), trunk
-    ("conv", "unet" or a timm backbone name), region grid side (4 = the paper's 16 regions), embedding dim,
+    ("conv", "unet" or a timm CNN name, run up to its stage `trunk_stage`, 1-based), region grid side (4 = the paper's 16 regions), embedding dim,
     channels, region votes, attention temperature and dropout. Invalid values fail listing the choices."""
 
     local: str = "separate"
@@ -225,9 +262,10 @@ class LNLOptions:
     votes: bool = True
     temperature: float = 1.0
     dropout: float = 0.0
+    trunk_stage: int = 3
 
     def __post_init__(self) -> None:
-        check_choice("trunk", self.trunk, TRUNKS)
+        check_trunk(self.trunk)
         check_choice("local", self.local, LOCAL_MODES)
         if not isinstance(self.grid, int) or not 2 <= self.grid <= 8:
             raise ConfigError(f"grid must be an integer in 2..8 (4 = the paper's 16 regions), got {self.grid!r}")
@@ -244,7 +282,9 @@ class LNLAttenNet(nn.Module):
     """Local multi-network ensemble + non-local region attention + global branch (TappedModel contract)."""
 
     def __init__(self, num_classes: int = 7, in_chans: int = 3, options: "LNLOptions | None" = None,
-                 tap_names: Sequence[str] = ("region_attention",), config: dict[str, Any] | None = None):
+                 tap_names: Sequence[str] = ("region_attention",), config: dict[str, Any] | None = None,
+                 trunk_pretrained: bool | str = False, trunk_weights: Any = None, allow_download: bool = False):
+        """trunk_pretrained / trunk_weights / allow_download: a timm trunk's starting weights (TimmTrunk)."""
         super().__init__()
         o = options or LNLOptions()
         local, trunk, grid, dim, trunk_channels = o.local, o.trunk, o.grid, o.dim, o.trunk_channels
@@ -255,7 +295,8 @@ class LNLAttenNet(nn.Module):
         elif trunk == "unet":
             self.trunk = UNetTrunk(in_chans, trunk_channels)
         else:
-            self.trunk = TimmTrunk(in_chans, trunk)
+            self.trunk = TimmTrunk(in_chans, trunk, o.trunk_stage, pretrained=trunk_pretrained,
+                                   weights=trunk_weights, allow_download=allow_download)
         tc = self.trunk.out_channels
         if local == "separate":
             self.local_nets: nn.Module | None = SeparateLocalNets(self.n_regions, in_chans, local_channels)
@@ -363,17 +404,21 @@ def build_lnlattennet(num_classes: int = 7, image_size: int = 112, layers: Seque
     """Build an LNLAttenNet; `backbone` (one of LNL_BACKBONES) sets local/trunk unless given explicitly.
 
     options: the fields of LNLOptions (local, trunk, grid=4, dim=128, trunk_channels=128,
-    local_channels=(16, 32, 64), votes=True, temperature=1.0, dropout=0.0) and pretrained / weights
-    (a local LNLAttenNet checkpoint), in_chans, class_names, mean, std. Invalid values fail at once.
+    local_channels=(16, 32, 64), votes=True, temperature=1.0, dropout=0.0, trunk_stage=3) and
+    pretrained: True with weights (a local LNLAttenNet checkpoint), or "imagenet" (a timm trunk starts
+    from its ImageNet weights, e.g. backbone="lnlattennet_shared_lite0"; the rest starts fresh);
+    allow_download, in_chans, class_names, mean, std. Invalid values fail at once.
     """
     check_choice("backbone", backbone, LNL_BACKBONES)
     variant = LNL_VARIANTS[backbone]
     trunk = options.pop("trunk", None) or variant["trunk"]
     local = options.pop("local", None) or variant["local"]
-    check_choice("trunk", trunk, TRUNKS)
+    if trunk == variant["trunk"] and "trunk_stage" in variant:
+        options.setdefault("trunk_stage", variant["trunk_stage"])
+    check_trunk(trunk)
     check_choice("local", local, LOCAL_MODES)
-    build = {k: options.pop(k) for k in ("pretrained", "weights", "in_chans", "class_names", "mean", "std")
-             if k in options}
+    build = {k: options.pop(k) for k in ("pretrained", "weights", "in_chans", "class_names", "mean", "std",
+                                         "allow_download") if k in options}
     unknown = [k for k in options if k not in _ARCH_OPTIONS]
     if unknown:
         raise ConfigError(f"unknown LNLAttenNet option(s) {unknown}; valid options: {', '.join(_ARCH_OPTIONS)}")
@@ -383,8 +428,12 @@ def build_lnlattennet(num_classes: int = 7, image_size: int = 112, layers: Seque
     arch = LNLOptions(local=local, trunk=trunk, **options)
     if not isinstance(image_size, int) or image_size < 8 * grid:
         raise ConfigError(f"image_size must be an integer >= {8 * grid} for a {grid}x{grid} grid, got {image_size!r}")
-    weights = build.get("weights")
-    if build.get("pretrained") and weights is None:
+    weights, pretrained = build.get("weights"), build.get("pretrained", False)
+    imagenet = isinstance(pretrained, str) and pretrained.lower() == "imagenet"
+    if imagenet and trunk in OWN_TRUNKS:
+        raise ConfigError(f"pretrained='imagenet' needs a timm trunk (e.g. backbone='lnlattennet_shared_lite0' or "
+                          f"trunk='tf_efficientnet_lite0'); trunk {trunk!r} has no ImageNet weights")
+    if pretrained and not imagenet and weights is None:
         raise ConfigError("pretrained=True needs weights=<path to a local LNLAttenNet checkpoint>: "
                           "this project never downloads weights")
     class_names = build.get("class_names")
@@ -393,17 +442,22 @@ def build_lnlattennet(num_classes: int = 7, image_size: int = 112, layers: Seque
     if len(class_names) != num_classes:
         raise ConfigError(f"{len(class_names)} class_names for num_classes={num_classes}")
     in_chans, mean, std = build.get("in_chans", 3), build.get("mean"), build.get("std")
+    if trunk not in OWN_TRUNKS and (mean is None or std is None):  # the trunk's own pretrained normalisation
+        trunk_mean, trunk_std = timm_backbones.pretrained_normalisation(trunk)
+        mean, std = (trunk_mean if mean is None else mean), (trunk_std if std is None else std)
     config = {
         "backbone": backbone, "num_classes": num_classes,
         "layers": [str(l) for l in ([layers] if isinstance(layers, (str, int)) else layers)],
         "tap_names": lnl_layers(layers), "image_size": image_size, "class_names": list(class_names),
         "mean": list(mean if mean is not None else (0.485, 0.456, 0.406)),
         "std": list(std if std is not None else (0.229, 0.224, 0.225)),
-        "in_chans": in_chans, "lnl_options": {"local": local, "trunk": trunk, **{
+        "in_chans": in_chans, "pretrained": "imagenet" if imagenet else bool(pretrained),
+        "lnl_options": {"local": local, "trunk": trunk, **{
             k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}},
     }
     model = LNLAttenNet(num_classes=num_classes, in_chans=in_chans, options=arch, tap_names=config["tap_names"],
-                        config=config)
+                        config=config, trunk_pretrained="imagenet" if imagenet else False,
+                        allow_download=bool(build.get("allow_download", False)))
     if weights is not None:
         _load_state(model, weights)
     return model
@@ -421,18 +475,27 @@ def lnl_from_config(model_config: dict[str, Any]) -> LNLAttenNet:
 
 
 def _build_from_spec(spec: ModelSpec) -> LNLAttenNet:
-    if spec.pretrained == "imagenet" or spec.output_stride is not None:
-        raise ConfigError(f"{spec.backbone} takes neither pretrained='imagenet' nor output_stride; give weights=PATH")
+    if spec.output_stride is not None:
+        raise ConfigError(f"{spec.backbone} takes no output_stride")
     return build_lnlattennet(backbone=spec.backbone, num_classes=spec.num_classes, layers=spec.layers,
                              image_size=spec.image_size, pretrained=spec.pretrained, weights=spec.weights,
+                             allow_download=spec.allow_download,
                              in_chans=spec.in_chans, class_names=spec.class_names, mean=spec.mean, std=spec.std,
                              **spec.options)
+
+
+def _normalisation(backbone: str) -> tuple[list[float], list[float]]:
+    """A timm trunk's pretrained (mean, std) (0.5/0.5 for lite0); ImageNet's for the built-in trunks."""
+    trunk = LNL_VARIANTS[backbone]["trunk"]
+    if trunk in OWN_TRUNKS:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return timm_backbones.pretrained_normalisation(trunk)
 
 
 register_family(ModelFamily(
     name="lnlattennet", build=_build_from_spec, stages=lambda backbone: LNL_STAGES,
     min_image_size=lambda backbone: 32,  # the default 4x4 region grid needs 8 px per region
-    names=LNL_BACKBONES, from_config=lnl_from_config, checks_own_size=True))
+    names=LNL_BACKBONES, from_config=lnl_from_config, checks_own_size=True, normalisation=_normalisation))
 
 
 def region_grid_targets(au_maps: torch.Tensor, grid: int = 4) -> torch.Tensor:
