@@ -36,6 +36,7 @@ def sweep(tmp_path_factory) -> Path:
     (root / "plain-with" / "metrics.json").write_text(json.dumps(metrics))
     shutil.copytree(root / "plain-without", root / "failed")
     (root / "failed" / "run.json").write_text(json.dumps({"status": "failed"}))
+    (root / "failed" / "metrics.json").unlink()  # the notebook failed after training: only run/metrics.json
     shutil.copytree(root / "plain-without", root / ".superseded-1")
     return root
 

@@ -86,12 +86,17 @@ def method_of(backbone: str) -> str:
     return prefix if prefix in TRAINED_METHODS else "plain"
 
 
-def _status_ok(folder: Path) -> bool:
-    try:
-        marker = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True  # not a pipeline run folder: a run made by hand counts
-    return marker.get("status") in (None, "ok")
+def _status_ok(folder: Path, root: Path) -> bool:
+    """False when the run.json of the folder or of a folder above it (up to `root`) says the run did not finish;
+    a folder without one (a run made by hand) counts."""
+    for where in [folder, *[p for p in folder.parents if p == root or root in p.parents]]:
+        try:
+            marker = json.loads((where / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if marker.get("status") not in (None, "ok"):
+            return False
+    return True
 
 
 def find_runs(sweep_dir: str | Path) -> list[TrainedRun]:
@@ -121,7 +126,7 @@ def find_runs(sweep_dir: str | Path) -> list[TrainedRun]:
         if not isinstance(config, dict) or ckpt is None:
             continue
         taken.append(folder)
-        if not _status_ok(folder):
+        if not _status_ok(folder, root):
             continue
         backbone = str(config.get("backbone"))
         runs.append(TrainedRun(folder, ckpt, metrics, backbone, method_of(backbone),
