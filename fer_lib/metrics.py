@@ -131,6 +131,7 @@ KINDS: dict[str, str] = {
     "comparison": "ComparisonMetrics (notebook 08): dataset, split, split_label, comparison, deltas, per_model",
     "explanations": "notebook 09: checkpoints, threshold, spearman, deletion_drops, synthetic, real_face, fer2013",
     "shortcut": "notebook 10: checkpoints, settings, report {model: {test set: cue report}}, headline {role: ...}",
+    "table1": "notebook 11 (fer_lib.analysis.table1): settings, rows (table1.csv), paper, comparison, missing",
 }
 
 
