@@ -437,6 +437,14 @@ def as_interval(interval: tuple[float, float] | None) -> list[float] | None:
     return [float(interval[0]), float(interval[1])]
 
 
+def accuracy_with_interval(correct: int, n: int, level: float = CI_LEVEL) -> dict[str, Any]:
+    """{"accuracy", "ci_low", "ci_high", "n"}: k/n with its Wilson interval, for tables (NaN when n = 0)."""
+    if n == 0:
+        return {"accuracy": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    low, high = wilson_interval(int(correct), int(n), level)
+    return {"accuracy": correct / n, "ci_low": float(low), "ci_high": float(high), "n": int(n)}
+
+
 def classification_intervals(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
                              n_classes: int, level: float = CI_LEVEL, n_boot: int = 1000,
                              seed: int = 0) -> dict[str, list[float] | None]:

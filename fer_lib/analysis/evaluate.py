@@ -51,7 +51,7 @@ from fer_lib.metrics import protocol_note
 from fer_lib.models import TappedModel, load_checkpoint
 from fer_lib.training.train import evaluate as train_evaluate
 from fer_lib.utils import (ConfigError, UserError, atomic_path, atomic_write_json, check_choice, check_number,
-                           repo_relative, run_cli, run_info)
+                           repo_path, repo_relative, run_cli, run_info)
 
 #: CAM methods computed by default (the model's own CAM is added when the head allows it)
 DEFAULT_EVAL_CAMS: tuple[str, ...] = ("gradcam",)
@@ -158,6 +158,7 @@ def load_eval_dataset(model_config: Mapping[str, Any], train_config: Mapping[str
         if not name:
             raise ConfigError("the checkpoint records no training dataset; pass --data (and --dataset)")
         root = train_config.get("data_root") if name == train_config.get("dataset") else None
+        root = repo_path(root) if root else None  # recorded relative to the repository root
         if name == train_config.get("dataset"):
             saved = dict(train_config.get("dataset_kwargs") or {})
             saved.pop("max_per_class", None)  # evaluate the whole split, not the training subset

@@ -52,7 +52,7 @@ from fer_lib.models import resolve_layers as _resolve_model_layers
 from fer_lib.models.checkpoints import read_checkpoint
 from fer_lib.plots import save_figure
 from fer_lib.utils import (ConfigError, atomic_write_csv, atomic_write_json, check_choice, check_number, resolve_device,
-                           progress_bar, run_info)
+                           progress_bar, repo_path, run_info)
 
 # pytorch-grad-cam is the engine of every gradient/activation CAM
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
@@ -721,7 +721,8 @@ def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = 
     same = name == cfg.get("dataset")
     kwargs = {**((cfg.get("dataset_kwargs") or {}) if same else {}), **dataset_kwargs}
     kwargs.setdefault("splits", [split])
-    out = build_datasets(name, root=data_root or (cfg.get("data_root") if same else None),
+    recorded = cfg.get("data_root") if same else None  # recorded relative to the repository root
+    out = build_datasets(name, root=data_root or (repo_path(recorded) if recorded else None),
                          image_size=int(image_size or model_cfg.get("image_size") or cfg.get("image_size") or 112),
                          seed=int(cfg.get("seed", 0) if seed is None else seed),
                          landmarks=landmarks or cfg.get("landmarks") or "detect",

@@ -90,7 +90,7 @@ from fer_lib.data import build_datasets
 from fer_lib.faces.au import EXPRESSIONS
 from fer_lib.faces.compound import ALL_COMPOUNDS, COMPOUND_PARTS, RAFDB_COMPOUNDS, is_compound
 from fer_lib.metrics import classification_metrics, map_cosine
-from fer_lib.methods.intervals import wilson_interval
+from fer_lib.metrics import wilson_interval
 from fer_lib.models import TappedModel, build_model, load_checkpoint, pretrained_normalisation, resolve_layers
 from fer_lib.models.checkpoints import read_checkpoint
 from fer_lib.plots import save_figure

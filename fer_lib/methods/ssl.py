@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fer_lib.data import build_datasets
 from fer_lib.faces.landmarks import ANCHORS, ImageError, load_image
-from fer_lib.methods.intervals import accuracy_with_interval
+from fer_lib.metrics import accuracy_with_interval
 from fer_lib.methods.warps import (GlobalAugConfig, WarpConfig, apply_view, au_anchor_points, au_field_maps,
                                    random_displacement, sample_global_params)
 from fer_lib.metrics import classification_metrics

@@ -170,8 +170,8 @@ class TrainConfig:
 
         Fields are taken by name, as notebooks spell them: numbers converted to the field's type,
         `layers="a,b"` split into a tuple, `weights=""` and `pretrained=""` meaning none (and `pretrained` = bool(weights)
-        unless given); `n_per_class` and `spurious_p` become the synthetic set's dataset_kwargs (unless
-        dataset_kwargs is given). The known notebook-only parameters `output_dir`, `preset` and
+        unless given); `n_per_class` and `spurious_p` become the synthetic set's dataset_kwargs (merged with
+        `dataset_kwargs` where given, which wins). The known notebook-only parameters `output_dir`, `preset` and
         `num_examples` are ignored; any other name that is not a field is an error (a typo).
         """
         notebook_only, dataset_keys = {"output_dir", "preset", "num_examples"}, ("n_per_class", "spurious_p")
@@ -196,10 +196,10 @@ class TrainConfig:
         if "weights" in kwargs:
             kwargs["weights"] = kwargs["weights"] or None
             kwargs.setdefault("pretrained", bool(kwargs["weights"]))
-        if "dataset_kwargs" not in kwargs:
-            synthetic = kwargs.get("dataset", cls.dataset) == "synthetic"
-            kwargs["dataset_kwargs"] = {k: (float(params[k]) if k == "spurious_p" else params[k])
-                                        for k in dataset_keys if k in params and synthetic}
+        synthetic = kwargs.get("dataset", cls.dataset) == "synthetic"
+        kwargs["dataset_kwargs"] = {**{k: (float(params[k]) if k == "spurious_p" else params[k])
+                                       for k in dataset_keys if k in params and synthetic},
+                                    **dict(kwargs.get("dataset_kwargs") or {})}
         return cls(**kwargs)
 
 
