@@ -338,3 +338,15 @@ def test_cam_settings_validate_once_and_read_notebook_parameters():
     params = {"cam_methods": "cam", "seed": 4, "n_samples": 200, "output_dir": "x"}
     assert I.CAMSettings.from_params(params, progress=False) == I.CAMSettings(cam_methods="cam", seed=4, progress=False)
     assert s.replace(target="prediction").target == "prediction"
+
+
+def test_checkpoint_dataset_reads_faces_with_the_models_normalisation():
+    """A model trained on 0.5/0.5-normalised faces (the ImageNet lite0) is evaluated on faces normalised the same way."""
+    ckpt = {"config": {"dataset": "synthetic", "seed": 0, "landmarks": "ground_truth",
+                       "dataset_kwargs": {"n_per_class": {"train": 1, "val": 1, "test": 2}}},
+            "model_config": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    ds = I.checkpoint_dataset(ckpt, "test", progress=False)
+    assert tuple(ds.mean) == (0.5, 0.5, 0.5) and tuple(ds.std) == (0.5, 0.5, 0.5)
+    assert float(ds[0][0].min()) >= -1.0 - 1e-6  # (x - 0.5) / 0.5 of [0, 1] pixels stays in [-1, 1]
+    imagenet = I.checkpoint_dataset({**ckpt, "model_config": {"image_size": 32}}, "test", progress=False)
+    assert tuple(imagenet.mean) != (0.5, 0.5, 0.5)  # no recorded normalisation: the dataset's default

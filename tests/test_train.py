@@ -93,6 +93,10 @@ def test_checkpoint_rebuilds_the_model_alone(finished_run):
     again = evaluate(model, toy_splits(SIZE)["test"], "cpu", batch_size=8)
     assert again["accuracy"] == results["test"]["accuracy"]
     assert again["att_cos"]["layer4"] == pytest.approx(results["test"]["att_cos"]["layer4"], abs=1e-6)
+    # the final val record is the best epoch's own evaluation of these weights (reused, not recomputed): equal
+    val = evaluate(model, toy_splits(SIZE)["val"], "cpu", batch_size=8)
+    assert val["accuracy"] == results["val"]["accuracy"] and val["confusion"] == results["val"]["confusion"]
+    assert val["att_cos_mean"] == pytest.approx(results["val"]["att_cos_mean"], abs=1e-6)
 
 
 def test_same_seed_same_metrics_and_finished_run_is_not_redone(finished_run, tmp_path):

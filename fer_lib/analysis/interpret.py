@@ -707,7 +707,8 @@ def make_loader(dataset: Any, indices: Sequence[int] | None = None, batch_size: 
 def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = "test", dataset: str | None = None,
                        data_root: str | None = None, landmarks: str | None = None, image_size: int | None = None,
                        seed: int | None = None, **dataset_kwargs: Any) -> Any:
-    """The unaugmented `split` of the dataset a checkpoint was trained on (its saved TrainConfig).
+    """The unaugmented `split` of the dataset a checkpoint was trained on (its saved TrainConfig), normalised
+    with the model's mean and std.
 
     Any argument given overrides the checkpoint's value (e.g. another `dataset`, in which
     case the checkpoint's dataset options are not reused).
@@ -721,6 +722,9 @@ def checkpoint_dataset(checkpoint: str | Path | Mapping[str, Any], split: str = 
     same = name == cfg.get("dataset")
     kwargs = {**((cfg.get("dataset_kwargs") or {}) if same else {}), **dataset_kwargs}
     kwargs.setdefault("splits", [split])
+    for key in ("mean", "std"):  # read the way the model was trained (e.g. 0.5 / 0.5 for the ImageNet lite0)
+        if model_cfg.get(key) is not None:
+            kwargs.setdefault(key, tuple(model_cfg[key]))
     recorded = cfg.get("data_root") if same else None  # recorded relative to the repository root
     out = build_datasets(name, root=data_root or (repo_path(recorded) if recorded else None),
                          image_size=int(image_size or model_cfg.get("image_size") or cfg.get("image_size") or 112),

@@ -554,8 +554,12 @@ def _final_evaluation(run: _Run, datasets: dict[str, Dataset], progress: _Progre
     results: dict[str, Any] = {"run": run_info(recorded), "config": recorded,
                                "best_epoch": int(best_ckpt["epoch"]),
                                "selection": "val accuracy" if val_set else "last epoch (no val split)"}
+    # the best epoch evaluated val with these very weights: its record is reused instead of a second pass
+    best_val = next((h["val"] for h in progress.history if h["epoch"] == results["best_epoch"] and h.get("val")), None)
     for split in ("val", "test"):
-        if datasets.get(split) is not None:
+        if split == "val" and best_val is not None:
+            results["val"] = best_val
+        elif datasets.get(split) is not None:
             results[split] = evaluate(run.model, datasets[split], ctx.device, run.eval_batch_size, run.use_amp, ctx,
                                       desc=f"final {split}")
     train_time = progress.train_time_s
