@@ -385,6 +385,7 @@ def test_headline_shows_intervals_shortcut_and_writes_headline_json(tmp_path: Pa
     (exp / "cut" / "x.png").write_bytes(b"png")
     index, _ = report.write_index(tmp_path)
     assert "<img src='main/cut/x.png'" in index.read_text() and "0.700" in index.read_text()
+    assert "oracle on the true AU intensities: 0.990" in index.read_text()
 
 
 def test_collect_and_summarise_training_runs(tmp_path: Path) -> None:

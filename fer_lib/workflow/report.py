@@ -444,6 +444,9 @@ def write_index(results_root: str | os.PathLike = DEFAULT_RESULTS) -> tuple[Path
         if headline is not None:
             where = html.escape(headline_split(exp_dir))
             shown = shown_headline(headline)
+            ceiling = headline_number((_load_json(exp_dir / "headline.json") or {}).get("oracle_accuracy"))
+            if ceiling is not None:
+                where += f"; the set's ceiling, an oracle on the true AU intensities: {ceiling:.3f}"
             html_parts.append(f"<h3>Headline: baseline vs AU-guided ({where})</h3>" + _html_table(shown)
                               + "<p class='muted'>Brackets: 95% intervals (accuracy: Wilson; the others: bootstrap "
                               "over test faces). shortcut_acc: clean test accuracy of the model trained with a "
