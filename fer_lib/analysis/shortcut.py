@@ -71,8 +71,8 @@ def cue_classes(dataset: Any) -> np.ndarray:
 
 def _interval(values: np.ndarray) -> tuple[float, list[float]]:
     values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), [float("nan"), float("nan")]
+    if len(values) < 2:  # no interval from fewer than two faces
+        return (float(values.mean()) if len(values) else float("nan")), [float("nan"), float("nan")]
     low, high = mean_interval(values)
     return float(values.mean()), [float(low), float(high)]
 
