@@ -25,7 +25,8 @@ def subprocess_env() -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = "1"
     env.update(PYTHONUNBUFFERED="1", PYTHONHASHSEED="0", GLOG_minloglevel="2", TF_CPP_MIN_LOG_LEVEL="3",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="",
+               FER_LIB_PROGRESS="1")   # the bars' "epoch 2/3" tells a test where training is (stderr is a pipe)
     return env
 
 
